@@ -1,0 +1,219 @@
+"""Block = placement x norm x token mixer x channel mixer x residual, and the stacks that hold blocks.
+
+    pre  (Pre-LN):  x = x + F(N(x))                      final norm after the stack
+    post (Post-LN): x = N(x + F(x))                      no final norm
+    peri (Peri-LN, P77; alias sandwich): x = x + N_out(F(N_in(x)))   final norm after the stack
+
+A block spec is a mapping (see DESIGN §3): placement, norm, residual, mixer, ffn, dropout. Per-layer
+overrides (`model.layers`) are merged into the default spec before each block is built.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from formers.registry import FormersError, _hint, build, get, register, split_spec
+
+# ---------------------------------------------------------------------------------------------------- residual
+
+
+@register("residual", "add", paper="baseline")
+class AddResidual(nn.Module):
+    """Plain residual connection: x + update."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+
+    def forward(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        return x + update
+
+
+# --------------------------------------------------------------------------------------------------- placement
+
+
+class Placement(nn.Module):
+    """Where the norm sits around one sublayer. `final_norm` says whether the stack needs a norm after it."""
+
+    final_norm = True
+
+    def __init__(self, dim: int, sublayer: nn.Module, norm: Callable[[], nn.Module], residual: nn.Module,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.fn = sublayer
+        self.residual = residual
+        self.drop = nn.Dropout(dropout)
+
+
+@register("placement", "pre", paper="baseline", aliases=("pre_ln", "prenorm"))
+class PreNorm(Placement):
+    """Pre-LN (Xiong et al. 2020): x + F(Norm(x))."""
+
+    def __init__(self, dim, sublayer, norm, residual, dropout=0.0):
+        super().__init__(dim, sublayer, norm, residual, dropout)
+        self.norm = norm()
+
+    def forward(self, x, **kw):
+        return self.residual(x, self.drop(self.fn(self.norm(x), **kw)))
+
+
+@register("placement", "post", paper="baseline", aliases=("post_ln", "postnorm"))
+class PostNorm(Placement):
+    """Post-LN (Vaswani et al. 2017): Norm(x + F(x))."""
+
+    final_norm = False
+
+    def __init__(self, dim, sublayer, norm, residual, dropout=0.0):
+        super().__init__(dim, sublayer, norm, residual, dropout)
+        self.norm = norm()
+
+    def forward(self, x, **kw):
+        return self.norm(self.residual(x, self.drop(self.fn(x, **kw))))
+
+
+@register("placement", "peri", paper="P77", aliases=("sandwich",))
+class PeriNorm(Placement):
+    """Peri-LN (P77): x + Norm_out(F(Norm_in(x))), the sublayer's input and output both normalised.
+
+    P77 "Peri-LN: Revisiting Layer Normalization in the Transformer Architecture"; CogView's sandwich LN and
+    Gemma-2's pre+post norms are the same pattern. Final norm after the stack, as in Pre-LN.
+    """
+
+    def __init__(self, dim, sublayer, norm, residual, dropout=0.0):
+        super().__init__(dim, sublayer, norm, residual, dropout)
+        self.norm_in, self.norm_out = norm(), norm()
+
+    def forward(self, x, **kw):
+        return self.residual(x, self.drop(self.norm_out(self.fn(self.norm_in(x), **kw))))
+
+
+# ------------------------------------------------------------------------------------------------------- block
+
+BLOCK_DEFAULTS: dict[str, Any] = {
+    "placement": "pre", "norm": "layernorm", "residual": "add",
+    "mixer": {"name": "softmax", "heads": 4}, "ffn": {"name": "mlp", "act": "gelu"}, "dropout": 0.0,
+}
+
+
+class Block(nn.Module):
+    """One Transformer layer: token mixer then channel mixer, each wrapped by the placement; (B, N, D) -> (B, N, D)."""
+
+    def __init__(self, dim: int, causal: bool, spec: dict[str, Any], path: str = "model.block"):
+        super().__init__()
+        spec = {**BLOCK_DEFAULTS, **spec}
+        unknown = [k for k in spec if k not in BLOCK_DEFAULTS]
+        if unknown:
+            raise FormersError(f"{path}: unknown key '{unknown[0]}'{_hint(unknown[0], BLOCK_DEFAULTS)}; "
+                               f"keys: {', '.join(BLOCK_DEFAULTS)}")
+        name, _ = split_spec(spec["mixer"], f"{path}.mixer")
+        entry = get("mixer", name, f"{path}.mixer")
+        if causal and entry.causal_ok is False:
+            raise FormersError(f"{path}.mixer: '{name}' cannot be causal; use it in a bidirectional model")
+        mixer = build("mixer", spec["mixer"], path=f"{path}.mixer", reserved=("dim", "causal"), dim=dim, causal=causal)
+
+        def norm() -> nn.Module:
+            return build("norm", spec["norm"], path=f"{path}.norm", reserved=("dim",), dim=dim)
+
+        def wrap(sub: nn.Module) -> nn.Module:
+            residual = build("residual", spec["residual"], path=f"{path}.residual", reserved=("dim",), dim=dim)
+            return build("placement", spec["placement"], path=f"{path}.placement",
+                         reserved=("dim", "sublayer", "norm", "residual", "dropout"),
+                         dim=dim, sublayer=sub, norm=norm, residual=residual, dropout=spec["dropout"])
+
+        self.attn = wrap(mixer)
+        self.has_ffn = spec["ffn"] not in (None, "none")
+        if self.has_ffn:
+            ffn = build("ffn", spec["ffn"], path=f"{path}.ffn", reserved=("dim",), dim=dim)
+            self.ffn = wrap(ffn)
+        self.final_norm = type(self.attn).final_norm
+
+    def forward(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        x = self.attn(x, **kw)
+        return self.ffn(x) if self.has_ffn else x
+
+
+def merge_spec(base: Any, override: Any) -> Any:
+    """Deep-merge a per-layer override into the default block spec. A component override with a different
+    name replaces the default (its options do not carry over); one without a name only changes options."""
+    if isinstance(override, dict) and isinstance(base, (dict, str)):
+        base_d = {"name": base} if isinstance(base, str) else dict(base)
+        if "name" in override and "name" in base_d and override["name"] != base_d["name"]:
+            return copy.deepcopy(override)
+        out = copy.deepcopy(base_d)
+        for k, v in override.items():
+            out[k] = merge_spec(out.get(k), v) if isinstance(v, dict) else copy.deepcopy(v)
+        return out
+    return copy.deepcopy(override)
+
+
+def parse_layers(layers: dict[Any, Any] | None, depth: int, path: str = "model.layers") -> dict[int, dict]:
+    """`{"0-1": {...}, "5": {...}, "2,4": {...}}` -> {layer index: override}; later keys win."""
+    out: dict[int, dict] = {}
+    for key, override in (layers or {}).items():
+        if not isinstance(override, dict):
+            raise FormersError(f"{path}.{key}: expected a block mapping, got {override!r}")
+        idx: list[int] = []
+        try:
+            for part in str(key).split(","):
+                if "-" in part:
+                    a, b = (int(s) for s in part.split("-"))
+                    idx += list(range(a, b + 1))
+                else:
+                    idx.append(int(part))
+        except ValueError:
+            raise FormersError(f"{path}: bad layer key '{key}'; use '3', '0-1' or '0,2,4'") from None
+        for i in idx:
+            if not 0 <= i < depth:
+                raise FormersError(f"{path}: layer {i} in key '{key}' is outside 0..{depth - 1}")
+            out[i] = merge_spec(out.get(i, {}), override)
+    return out
+
+
+def layer_specs(block: dict | None, layers: dict | None, depth: int) -> list[dict]:
+    base = merge_spec(BLOCK_DEFAULTS, block or {})
+    overrides = parse_layers(layers, depth)
+    return [merge_spec(base, overrides[i]) if i in overrides else base for i in range(depth)]
+
+
+# ------------------------------------------------------------------------------------------------------- stack
+
+
+class Stack(nn.Module):
+    """Base of stacks: `applications` lists which block runs at each step (for caches and looped stacks)."""
+
+    grad_checkpointing = False
+
+    def run(self, block: nn.Module, x: torch.Tensor, **kw) -> torch.Tensor:
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(block, x, use_reentrant=False, **kw)
+        return block(x, **kw)
+
+
+@register("stack", "plain", paper="baseline")
+class PlainStack(Stack):
+    """`depth` distinct blocks applied in order."""
+
+    def __init__(self, depth: int, make_block: Callable[[int], nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(make_block(i) for i in range(depth))
+
+    @property
+    def num_applications(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor, *, cache: list | None = None, **kw) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = self.run(block, x, cache=None if cache is None else cache[i], **kw)
+        return x
+
+
+def build_stack(spec: Any, depth: int, make_block: Callable[[int], nn.Module], path: str = "model.stack") -> Stack:
+    return build("stack", spec, path=path, reserved=("depth", "make_block"), depth=depth, make_block=make_block)
+
+
+__all__ = ["Block", "BLOCK_DEFAULTS", "PlainStack", "layer_specs", "build_stack", "merge_spec"]

@@ -1,0 +1,180 @@
+"""`formers ...` / `python -m formers ...`: train, eval, generate, list, show, data."""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import sys
+
+from formers.registry import FormersError
+
+
+def _cmd_train(a) -> int:
+    from formers.train.trainer import train
+
+    result = train(a.recipe, a.overrides, out=a.out, resume=a.resume, force=a.force)
+    metrics = {k: v for k, v in result.items() if k not in ("sample", "run_dir", "final")}
+    print("final: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
+    if result.get("sample"):
+        print("sample:\n" + result["sample"])
+    print(f"run folder: {result['run_dir']} (config.yaml, metrics.jsonl, loss.png, summary.md, model.safetensors)")
+    return 0
+
+
+def _cmd_eval(a) -> int:
+    from formers.train.trainer import build_task, load_run
+
+    model = load_run(a.run)
+    task = build_task(model.run_config["task"])
+    metrics = task.evaluate(model, limit=a.limit)
+    print(json.dumps(metrics))
+    return 0
+
+
+def _cmd_generate(a) -> int:
+    from formers.tasks.lm_bytes import generate_text
+    from formers.train.trainer import load_run
+
+    model = load_run(a.run)
+    if not hasattr(model, "generate"):
+        raise FormersError(f"the model in {a.run} does not generate text (it is not an `lm`)")
+    text = generate_text(model, a.prompt, a.tokens, temperature=0.0 if a.greedy else a.temperature,
+                         top_k=a.top_k, seed=a.seed)
+    print(text)
+    return 0
+
+
+def _fmt_default(p: inspect.Parameter) -> str:
+    return "required" if p.default is inspect.Parameter.empty else repr(p.default)
+
+
+def _cmd_list(a) -> int:
+    from formers.config import builtin_recipes
+    from formers.registry import entries, family_name
+
+    if a.family and a.family.lower() in ("recipe", "recipes"):
+        print("\n".join(builtin_recipes()))
+        return 0
+    fam = family_name(a.family) if a.family else None
+    current = None
+    for e in entries(fam):
+        if e.family != current:
+            current = e.family
+            print(f"\n{current}:")
+        flags = []
+        if e.causal_ok is not None:
+            flags.append("causal" if e.causal_ok else "bidirectional only")
+        if e.max_len:
+            flags.append(f"max_len {e.max_len}")
+        alias = f" (alias {', '.join(e.aliases)})" if e.aliases else ""
+        print(f"  {e.name:<14} {e.paper:<9} {'; '.join(flags):<10} {e.doc}{alias}")
+    if not fam:
+        print("\nrecipes:\n  " + "\n  ".join(builtin_recipes()))
+    return 0
+
+
+def _cmd_show(a) -> int:
+    from formers.registry import get
+
+    e = get(a.family, a.name)
+    print(f"{e.family} '{e.name}'  paper: {e.paper}  ({e.obj.__module__}.{e.obj.__qualname__})")
+    if e.causal_ok is not None:
+        print(f"causal: {'yes' if e.causal_ok else 'no (bidirectional only)'}")
+    if e.max_len:
+        print(f"max_len: {e.max_len}")
+    if e.aliases:
+        print(f"aliases: {', '.join(e.aliases)}")
+    print("options:")
+    for name, p in e.options().items():
+        ann = p.annotation if isinstance(p.annotation, str) else getattr(p.annotation, "__name__", "")
+        print(f"  {name:<16} {str(ann):<22} default {_fmt_default(p)}")
+    print()
+    print(inspect.getdoc(e.obj) or "")
+    return 0
+
+
+def _cmd_data(a) -> int:
+    from formers.data import SOURCES, cache_dir, get_source
+    from formers.data.sources import DEFAULT_SOURCES
+
+    if a.action == "list":
+        print(f"cache: {cache_dir()}")
+        for s in SOURCES.values():
+            print(f"  {s.name:<12} {'ready' if s.ready() else 'missing':<8} {s.description}")
+        return 0
+    names = a.names or (list(DEFAULT_SOURCES) if a.defaults else [])
+    if not names:
+        raise FormersError("formers data fetch: name a source (see `formers data list`) or pass --defaults")
+    for n in names:
+        s = get_source(n)
+        if s.ready():
+            print(f"{n}: ready")
+            continue
+        print(f"{n}: preparing ...", flush=True)
+        s.fetch()
+        print(f"{n}: ready")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="formers", description="Transformers of 81 papers: build, train, evaluate.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("train", help="train a recipe (built-in name or YAML path) with KEY=VALUE overrides")
+    t.add_argument("recipe")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.block.mixer.heads=8 train.steps=100")
+    t.add_argument("--out", help="run folder (default runs/<recipe name>)")
+    t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    t.add_argument("--force", action="store_true", help="replace an existing run in the folder")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a run on its task's held-out split")
+    e.add_argument("run")
+    e.add_argument("--limit", type=int, default=None, help="evaluate on a prefix only")
+    e.set_defaults(fn=_cmd_eval)
+
+    g = sub.add_parser("generate", help="generate text from a trained lm run")
+    g.add_argument("run")
+    g.add_argument("--prompt", default="\n")
+    g.add_argument("--tokens", type=int, default=200)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--greedy", action="store_true")
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(fn=_cmd_generate)
+
+    ls = sub.add_parser("list", help="list registered components (optionally one family) and recipes")
+    ls.add_argument("family", nargs="?")
+    ls.set_defaults(fn=_cmd_list)
+
+    s = sub.add_parser("show", help="show one component: options, defaults, paper, docstring")
+    s.add_argument("family")
+    s.add_argument("name")
+    s.set_defaults(fn=_cmd_show)
+
+    d = sub.add_parser("data", help="the data cache: list sources, fetch one")
+    d.add_argument("action", choices=["list", "fetch"])
+    d.add_argument("names", nargs="*")
+    d.add_argument("--defaults", action="store_true", help="fetch the default sources")
+    d.set_defaults(fn=_cmd_data)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = make_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except FormersError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # `formers list | head`
+        sys.stderr.close()
+        return 0
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""Optimizers and learning-rate schedules (families `optimizer`, `schedule`).
+
+Parameters are split in two groups: matrices get weight decay; norms, biases, embeddings and other vectors do not
+(the GPT-2 / nanoGPT convention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from formers.registry import register
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    seen: set[int] = set()
+    for mod_name, module in model.named_modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            is_embedding = isinstance(module, nn.Embedding) or "pos" in mod_name.split(".")[-1] \
+                or name in ("emb", "cls_token")
+            (no_decay if p.dim() < 2 or is_embedding else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@register("optimizer", "adamw", paper="baseline")
+def adamw(params, lr: float, betas: tuple = (0.9, 0.95), eps: float = 1e-8):
+    """AdamW (Loshchilov & Hutter): Adam with decoupled weight decay."""
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps)
+
+
+@register("optimizer", "adam", paper="baseline")
+def adam(params, lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
+    """Adam (Kingma & Ba); weight decay, if any, is the coupled L2 form."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps)
+
+
+@register("optimizer", "sgd", paper="baseline")
+def sgd(params, lr: float, momentum: float = 0.9, nesterov: bool = False):
+    """SGD with (Nesterov) momentum."""
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=nesterov)
+
+
+class Schedule:
+    """lr multiplier at `step` of `total`, with linear warmup over the first `warmup` steps."""
+
+    def __init__(self, warmup: int = 0):
+        self.warmup = warmup
+
+    def __call__(self, step: int, total: int) -> float:
+        if self.warmup and step < self.warmup:
+            return (step + 1) / self.warmup
+        return self.after_warmup(step, total)
+
+    def after_warmup(self, step: int, total: int) -> float:
+        return 1.0
+
+
+@register("schedule", "constant", paper="baseline")
+class Constant(Schedule):
+    """Constant lr after warmup."""
+
+    def __init__(self, warmup: int = 0):
+        super().__init__(warmup)
+
+
+@register("schedule", "cosine", paper="baseline")
+class Cosine(Schedule):
+    """Cosine decay (Loshchilov & Hutter, SGDR) from 1 to `min_ratio` over the steps after warmup."""
+
+    def __init__(self, warmup: int = 100, min_ratio: float = 0.1):
+        super().__init__(warmup)
+        self.min_ratio = min_ratio
+
+    def after_warmup(self, step, total):
+        t = (step - self.warmup) / max(1, total - self.warmup)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+@register("schedule", "rsqrt", paper="baseline")
+class RSqrt(Schedule):
+    """Inverse square root (Vaswani et al.): sqrt(warmup / step) after warmup."""
+
+    def __init__(self, warmup: int = 100):
+        super().__init__(warmup)
+
+    def after_warmup(self, step, total):
+        return math.sqrt(max(1, self.warmup) / max(1, step + 1))
+
+
+@register("schedule", "step_decay", paper="baseline")
+class StepDecay(Schedule):
+    """Multiply the lr by `gamma` every `every` steps after warmup."""
+
+    def __init__(self, warmup: int = 0, every: int = 1000, gamma: float = 0.5):
+        super().__init__(warmup)
+        self.every, self.gamma = every, gamma
+
+    def after_warmup(self, step, total):
+        return self.gamma ** ((step - self.warmup) // self.every)

@@ -1,0 +1,40 @@
+"""CLI smoke runs: every command once, in process (and `python -m formers` once in a subprocess)."""
+
+import subprocess
+import sys
+
+from formers.cli import main
+
+
+def test_list_show_data(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for word in ("mixer:", "softmax", "placement:", "peri", "P77", "lm_shakespeare"):
+        assert word in out
+    assert main(["list", "mixers"]) == 0
+    assert "softmax" in capsys.readouterr().out
+    assert main(["show", "mixer", "softmax"]) == 0
+    out = capsys.readouterr().out
+    assert "heads" in out and "kv_heads" in out and "causal: yes" in out and "paper: baseline" in out
+    assert main(["data", "list"]) == 0
+    assert "shakespeare" in capsys.readouterr().out
+    assert main(["data", "fetch", "stdlib"]) == 0
+    assert main(["data", "fetch", "shakspeare"]) == 2
+
+
+def test_train_eval_generate(tiny_recipe, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", str(tiny_recipe), "train.steps=12", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "val_bpb=" in text and "sample:" in text
+    assert main(["eval", str(out)]) == 0
+    assert '"val_bpb"' in capsys.readouterr().out
+    assert main(["generate", str(out), "--prompt", "def ", "--tokens", "10", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("def ")
+    assert main(["eval", str(tmp_path / "nope")]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_python_dash_m():
+    r = subprocess.run([sys.executable, "-m", "formers", "list", "norm"], capture_output=True, text=True)
+    assert r.returncode == 0 and "rmsnorm" in r.stdout

@@ -1,0 +1,133 @@
+"""Trainer: SIGKILL + resume is bit-exact, checkpoints are atomic and validated, early stopping, classification."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import formers
+from formers.train.checkpoint import list_checkpoints, save_weights
+from formers.train.trainer import TrainConfig
+
+KILL_OVERRIDES = ["train.steps=200", "train.ckpt_every=20", "train.eval_every=80", "train.sample=false",
+                  "train.threads=1", "model.dropout=0.1"]
+
+
+def _train_cmd(recipe, out, *extra):
+    return [sys.executable, "-m", "formers", "train", str(recipe), *KILL_OVERRIDES, "--out", str(out), *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bit_identical(tiny_recipe, tmp_path):
+    ref, killed = tmp_path / "ref", tmp_path / "killed"
+    subprocess.run(_train_cmd(tiny_recipe, ref), check=True, capture_output=True)
+
+    proc = subprocess.Popen(_train_cmd(tiny_recipe, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not list_checkpoints(killed) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (killed / "model.safetensors").exists()
+    step_killed = json.loads((list_checkpoints(killed)[-1] / "meta.json").read_text())["step"]
+    assert step_killed < 200
+
+    r = subprocess.run(_train_cmd(tiny_recipe, killed, "--resume"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(str(ref / "model.safetensors")), load_file(str(killed / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the resumed metrics log continues the killed one without duplicates
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps)) and steps[-1] == 200
+
+
+def test_run_folder_contents_and_refusal_to_overwrite(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    result = formers.fit(tiny_recipe, out=out)
+    for name in ("config.yaml", "metrics.jsonl", "model.safetensors", "loss.png", "summary.md", "sample.txt"):
+        assert (out / name).exists(), name
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert 0 < result["val_bpb"] < 8
+    with pytest.raises(formers.FormersError, match="--resume"):
+        formers.fit(tiny_recipe, out=out)
+    model = formers.load_run(out)
+    ev = formers.get("task", "lm_bytes").obj(corpus="stdlib", seq_len=32).evaluate(model)
+    assert ev["val_bpb"] == pytest.approx(result["val_bpb"], rel=1e-6)
+
+
+def test_corrupt_checkpoint_and_weights_give_clear_errors(tiny_recipe, tmp_path):
+    out = tmp_path / "run"
+    formers.fit(tiny_recipe, ["train.sample=false"], out=out)
+    (out / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(formers.FormersError, match="missing or corrupt"):
+        formers.load_run(out)
+    ck = list_checkpoints(out)[-1]
+    (ck / "state.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(formers.FormersError, match="corrupt"):
+        formers.fit(tiny_recipe, ["train.steps=30"], out=out, resume=True)
+
+
+def test_weights_that_do_not_fit_are_refused(tmp_path):
+    small = formers.create_model("lm", vocab=20, dim=16, depth=1)
+    save_weights(small, tmp_path / "w.safetensors")
+    big = formers.create_model("lm", vocab=20, dim=16, depth=2)
+    from formers.train.checkpoint import load_weights
+    with pytest.raises(formers.FormersError, match="do not fit"):
+        load_weights(big, tmp_path / "w.safetensors")
+
+
+def test_tied_embeddings_save_and_load(tmp_path):
+    m = formers.create_model("lm", vocab=20, dim=16, depth=1, tie_embeddings=True)
+    assert m.head.weight is m.embed.weight
+    save_weights(m, tmp_path / "w.safetensors")
+    m2 = formers.create_model("lm", vocab=20, dim=16, depth=1, tie_embeddings=True)
+    from formers.train.checkpoint import load_weights
+    load_weights(m2, tmp_path / "w.safetensors")
+    ids = torch.randint(0, 20, (1, 5))
+    assert torch.equal(m(ids), m2(ids))
+
+
+def test_encoder_learns_majority_with_early_stopping(tmp_path):
+    result = formers.fit({
+        "name": "maj",
+        "model": {"name": "encoder", "dim": 32, "depth": 1, "pool": "mean", "position": "none"},
+        "task": {"name": "majority", "seq_len": 24, "symbols": 4},
+        "train": {"steps": 400, "batch_size": 32, "lr": 3e-3, "eval_every": 25, "patience": 3,
+                  "progress": False, "schedule": "constant", "threads": 1},
+    }, out=tmp_path / "maj")
+    assert result["val_acc"] > 0.6  # chance is about 0.3
+    assert (tmp_path / "maj" / "best.safetensors").exists()
+
+
+def test_schedules_and_optimizer_groups():
+    from formers.train.optim import param_groups
+    cos = formers.build("schedule", {"name": "cosine", "warmup": 10, "min_ratio": 0.1})
+    assert cos(0, 100) == pytest.approx(0.1) and cos(9, 100) == pytest.approx(1.0)
+    assert cos(100, 100) == pytest.approx(0.1) and cos(55, 100) == pytest.approx(0.55)
+    rs = formers.build("schedule", {"name": "rsqrt", "warmup": 4})
+    assert rs(15, 100) == pytest.approx(0.5)
+    sd = formers.build("schedule", {"name": "step_decay", "every": 10, "gamma": 0.5})
+    assert sd(25, 100) == pytest.approx(0.25)
+    m = formers.create_model("lm", vocab=20, dim=16, depth=1)
+    decay, no_decay = param_groups(m, 0.1)
+    assert all(p.dim() == 2 for p in decay["params"])
+    assert any(p is m.embed.weight for p in no_decay["params"])
+    assert any(p is m.position.emb for p in no_decay["params"])
+    assert all(not any(p is q for q in decay["params"]) for p in no_decay["params"])
+
+
+def test_train_config_validation():
+    with pytest.raises(formers.FormersError, match="train.batch_size: must be >= 1"):
+        TrainConfig.from_dict({"batch_size": 0})
+    with pytest.raises(formers.FormersError, match="train.grad_clip: expected float or null"):
+        TrainConfig.from_dict({"grad_clip": "big"})
