@@ -218,7 +218,7 @@ class Trainer:
                 if done % tc.log_every == 0 or done == self.total:
                     dt = time.perf_counter() - t0
                     rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9)}
-                    rec.update({f"aux_{k}": float(v) for k, v in aux.items()} if aux else {})
+                    rec.update({f"aux_{k}": float(v.detach()) for k, v in aux.items()} if aux else {})
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
