@@ -103,7 +103,8 @@ BLOCK_DEFAULTS: dict[str, Any] = {
 class Block(nn.Module):
     """One Transformer layer: token mixer then channel mixer, each wrapped by the placement; (B, N, D) -> (B, N, D)."""
 
-    def __init__(self, dim: int, causal: bool, spec: dict[str, Any], path: str = "model.block"):
+    def __init__(self, dim: int, causal: bool, spec: dict[str, Any], path: str = "model.block",
+                 max_len: int | None = None):
         super().__init__()
         spec = {**BLOCK_DEFAULTS, **spec}
         unknown = [k for k in spec if k not in BLOCK_DEFAULTS]
@@ -114,7 +115,9 @@ class Block(nn.Module):
         entry = get("mixer", name, f"{path}.mixer")
         if causal and entry.causal_ok is False:
             raise FormersError(f"{path}.mixer: '{name}' cannot be causal; use it in a bidirectional model")
-        mixer = build("mixer", spec["mixer"], path=f"{path}.mixer", reserved=("dim", "causal"), dim=dim, causal=causal)
+        extra = {"max_len": max_len} if max_len is not None else {}
+        mixer = build("mixer", spec["mixer"], path=f"{path}.mixer", reserved=("dim", "causal", "max_len"),
+                      dim=dim, causal=causal, **extra)
 
         def norm() -> nn.Module:
             return build("norm", spec["norm"], path=f"{path}.norm", reserved=("dim",), dim=dim)

@@ -66,9 +66,9 @@ def _cmd_list(a) -> int:
         if e.causal_ok is not None:
             flags.append("causal" if e.causal_ok else "bidirectional only")
         if e.max_len:
-            flags.append(f"max_len {e.max_len}")
+            flags.append("max_len" if e.max_len is True else f"max_len {e.max_len}")
         alias = f" (alias {', '.join(e.aliases)})" if e.aliases else ""
-        print(f"  {e.name:<14} {e.paper:<9} {'; '.join(flags):<10} {e.doc}{alias}")
+        print(f"  {e.name:<14} {e.paper:<9} {'; '.join(flags):<18} {e.doc}{alias}")
     if not fam:
         print("\nrecipes:\n  " + "\n  ".join(builtin_recipes()))
     return 0
@@ -82,7 +82,8 @@ def _cmd_show(a) -> int:
     if e.causal_ok is not None:
         print(f"causal: {'yes' if e.causal_ok else 'no (bidirectional only)'}")
     if e.max_len:
-        print(f"max_len: {e.max_len}")
+        print("max_len: its `max_len` option (models pass their own max_len); longer inputs raise an error"
+              if e.max_len is True else f"max_len: {e.max_len}")
     if e.aliases:
         print(f"aliases: {', '.join(e.aliases)}")
     print("options:")

@@ -38,7 +38,7 @@ class Entry:
     paper: str
     aliases: tuple[str, ...] = ()
     causal_ok: bool | None = None
-    max_len: int | None = None
+    max_len: int | bool | None = None  # True: bounded by the mixer's `max_len` option (the model's max_len)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -77,8 +77,11 @@ def family_name(family: str) -> str:
 
 
 def register(family: str, name: str, *, paper: str, aliases: tuple[str, ...] = (),
-             causal_ok: bool | None = None, max_len: int | None = None, **extra: Any):
-    """Class/function decorator: register `obj` as `family/name`, citing its paper id (P01..P81 or 'baseline')."""
+             causal_ok: bool | None = None, max_len: int | bool | None = None, **extra: Any):
+    """Class/function decorator: register `obj` as `family/name`, citing its paper id (P01..P81 or 'baseline').
+
+    Mixers also record `causal_ok` (whether they can be causal) and `max_len` (True when their parameters depend
+    on the sequence length: they take a `max_len` option, which models fill with their own max_len)."""
     if family not in _REGISTRY:
         _REGISTRY[family] = {}
         _ALIASES[family] = {}

@@ -31,7 +31,8 @@ class SequenceModel(nn.Module):
         self.drop = nn.Dropout(dropout)
         specs = layer_specs(block, layers, depth)
         self.stack = build_stack(stack, depth, lambda i: Block(
-            dim, self.causal, specs[i], path="model.block" if specs[i] == specs[0] else f"model.layers[{i}]"))
+            dim, self.causal, specs[i], path="model.block" if specs[i] == specs[0] else f"model.layers[{i}]",
+            max_len=max_len))
         first = next(m for m in self.stack.modules() if isinstance(m, Block))
         self.norm = build("norm", specs[0]["norm"], path="model.block.norm", reserved=("dim",), dim=dim) \
             if first.final_norm else nn.Identity()
@@ -52,6 +53,7 @@ class SequenceModel(nn.Module):
         return [KVCache() for _ in range(self.stack.num_applications)]
 
     def _relative_positions(self):
+        """The relative encoding handed to every mixer as `positions` (None for absolute encodings and NoPE)."""
         return self.position if getattr(self.position, "kind", "") == "relative" else None
 
     def forward_features(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None,

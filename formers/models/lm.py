@@ -60,6 +60,8 @@ class LM(SequenceModel):
                                "of the absolute positions; ask for fewer tokens")
         was_training = self.training
         self.eval()
+        # mixers without an exact incremental form (e.g. ProbSparse) make generation recompute every step
+        use_cache = use_cache and all(getattr(m, "supports_cache", True) for m in self.modules())
         cache = self.new_cache() if use_cache else None
         logits = self(idx, cache=cache)[:, -1]
         for _ in range(max_new_tokens):

@@ -1,6 +1,17 @@
 """Building blocks, one file per family. Importing this package registers them all."""
 
-from formers.nn import act, attention, ffn, norm, position  # noqa: F401  (registration)
+from formers.nn import (  # noqa: F401  (registration)
+    act,
+    attention,
+    extractor,
+    ffn,
+    linear_attention,
+    lra_baselines,
+    norm,
+    position,
+    softmax_variants,
+    sparse_attention,
+)
 from formers.nn.hooks import aux_losses, report_aux, set_step
 
 __all__ = ["aux_losses", "report_aux", "set_step"]

@@ -17,23 +17,29 @@ from formers.registry import FormersError, register
 
 
 class KVCache:
-    """Per-layer key/value cache for decoding: keys and values of shape (B, H_kv, L, Dh), grown along L."""
+    """Per-layer decoding cache. Softmax-style mixers keep keys and values (B, H_kv, L, Dh), grown along L with
+    `update`; recurrent mixers (linear attention, ...) keep whatever they need in `state` and call `advance(n)`.
+    `length` is the number of tokens seen so far (the position offset of the next token)."""
 
     def __init__(self):
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-
-    @property
-    def length(self) -> int:
-        return 0 if self.k is None else self.k.shape[2]
+        self.state: dict[str, torch.Tensor] = {}
+        self.length = 0
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append new keys/values (B, H, n, Dh); returns all of them; advances `length` by n."""
         if self.k is None:
             self.k, self.v = k, v
         else:
             self.k = torch.cat([self.k, k], dim=2)
             self.v = torch.cat([self.v, v], dim=2)
+        self.length = self.k.shape[2]
         return self.k, self.v
+
+    def advance(self, n: int) -> None:
+        """For mixers that keep a recurrent state instead of keys: n more tokens were consumed."""
+        self.length += n
 
 
 def attention_mask(nq: int, nk: int, *, causal: bool, past: int = 0, key_mask: torch.Tensor | None = None,

@@ -16,9 +16,11 @@ from formers.registry import FormersError, register
 
 
 class RelativePosition(nn.Module):
-    """Base of relative encodings: identity rotation, no score bias."""
+    """Base of relative encodings: identity rotation, no score bias. `has_bias` says whether `bias` adds to the
+    scores (mixers that never form a score matrix reject such encodings)."""
 
     kind = "relative"
+    has_bias = False
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor):
         return q, k
@@ -30,6 +32,8 @@ class RelativePosition(nn.Module):
 @register("position", "none", paper="baseline")
 class NoPosition(RelativePosition):
     """No positional information (NoPE); causal masking alone still breaks permutation symmetry."""
+
+    kind = "none"
 
     def __init__(self, dim: int, max_len: int = 1024):
         super().__init__()
@@ -132,6 +136,8 @@ class ALiBi(RelativePosition):
     For causal attention only j <= i is seen, so this is the paper's -m_h (i - j); bidirectional use is symmetric.
     Returns a (H, Nq, Nk) bias.
     """
+
+    has_bias = True
 
     def __init__(self, dim: int, max_len: int = 1024):
         super().__init__()
