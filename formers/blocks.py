@@ -114,7 +114,9 @@ class Block(nn.Module):
         name, _ = split_spec(spec["mixer"], f"{path}.mixer")
         entry = get("mixer", name, f"{path}.mixer")
         if causal and entry.causal_ok is False:
-            raise FormersError(f"{path}.mixer: '{name}' cannot be causal; use it in a bidirectional model")
+            raise FormersError(f"{path}.mixer: '{name}' cannot be causal; use it in a bidirectional model (encoder)")
+        if not causal and entry.extra.get("bidirectional_ok", True) is False:
+            raise FormersError(f"{path}.mixer: '{name}' is causal only; use it in a causal model (lm)")
         extra = {"max_len": max_len} if max_len is not None else {}
         mixer = build("mixer", spec["mixer"], path=f"{path}.mixer", reserved=("dim", "causal", "max_len"),
                       dim=dim, causal=causal, **extra)

@@ -64,7 +64,8 @@ def _cmd_list(a) -> int:
             print(f"\n{current}:")
         flags = []
         if e.causal_ok is not None:
-            flags.append("causal" if e.causal_ok else "bidirectional only")
+            bidir = e.extra.get("bidirectional_ok", True)
+            flags.append(("causal" if bidir else "causal only") if e.causal_ok else "bidirectional only")
         if e.max_len:
             flags.append("max_len" if e.max_len is True else f"max_len {e.max_len}")
         alias = f" (alias {', '.join(e.aliases)})" if e.aliases else ""
@@ -81,6 +82,8 @@ def _cmd_show(a) -> int:
     print(f"{e.family} '{e.name}'  paper: {e.paper}  ({e.obj.__module__}.{e.obj.__qualname__})")
     if e.causal_ok is not None:
         print(f"causal: {'yes' if e.causal_ok else 'no (bidirectional only)'}")
+        if e.extra.get("bidirectional_ok", True) is False:
+            print("bidirectional: no (causal only)")
     if e.max_len:
         print("max_len: its `max_len` option (models pass their own max_len); longer inputs raise an error"
               if e.max_len is True else f"max_len: {e.max_len}")
@@ -116,6 +119,14 @@ def _cmd_data(a) -> int:
         s.fetch()
         print(f"{n}: ready")
     return 0
+
+
+def _cmd_bench(a) -> int:
+    if a.what == "attention":
+        from formers.bench.attention import main as bench_attention
+
+        return bench_attention(a.args)
+    raise FormersError(f"unknown benchmark '{a.what}'")
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -159,6 +170,11 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("names", nargs="*")
     d.add_argument("--defaults", action="store_true", help="fetch the default sources")
     d.set_defaults(fn=_cmd_data)
+
+    b = sub.add_parser("bench", help="speed/memory benchmarks writing results/*.json and PNGs")
+    b.add_argument("what", choices=["attention"], help="attention: every mixer's time and memory vs length")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
+    b.set_defaults(fn=_cmd_bench)
     return p
 
 

@@ -1,0 +1,136 @@
+"""Measure one point in a fresh subprocess: peak memory above a baseline taken just before the call, then the
+median time of repeated calls. Peak memory uses Linux's resettable high-water mark (/proc/self/clear_refs = 5,
+then VmHWM), so the process's earlier peaks (imports, set-up) do not count."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MEMORY_LIMIT_GIB = 12.0
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def peak_memory_mib(fn: Callable[[], Any]) -> float:
+    """Peak resident memory (MiB) of `fn()` above the resident memory just before it."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark
+        base = _status_kib("VmRSS")
+        fn()
+        return max(0, _status_kib("VmHWM") - base) / 1024
+    except OSError:  # not Linux: fall back to the lifetime peak (an over-estimate of nothing, a lower bound)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        fn()
+        return max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+
+
+def time_calls(fn: Callable[[], Any], reps: int = 3, budget_s: float = 20.0) -> float:
+    """Median seconds of `fn()`; fewer repetitions when one call is slow."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+        if sum(times) > budget_s:
+            break
+    return statistics.median(times)
+
+
+def machine_peak_gflops() -> float:
+    """Median of 10 runs of torch.mm on preallocated 2048x2048 fp32 tensors (DESIGN §5)."""
+    a, b, c = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
+    torch.mm(a, b, out=c)
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        torch.mm(a, b, out=c)
+        times.append(time.perf_counter() - t)
+    return 2 * 2048 ** 3 / statistics.median(times) / 1e9
+
+
+def run_point(module: str, func: str, kwargs: dict[str, Any], timeout_s: float = 300.0,
+              memory_limit_gib: float = MEMORY_LIMIT_GIB) -> dict[str, Any]:
+    """Run `module.func(**kwargs)` in a fresh Python with an address-space limit; it must print one JSON line.
+
+    Returns that record, or {"skipped": reason} on out-of-memory, timeout or crash."""
+    code = (
+        "import json, resource, sys\n"
+        f"lim = int({memory_limit_gib} * 2**30) + 4 * 2**30  # + room for libraries' address space\n"
+        "resource.setrlimit(resource.RLIMIT_AS, (lim, lim))\n"
+        f"from {module} import {func} as f\n"
+        "try:\n"
+        f"    rec = f(**json.loads(sys.argv[1]))\n"
+        "except (RuntimeError, MemoryError) as e:\n"
+        "    msg = str(e).lower()\n"
+        "    if 'memory' in msg or 'alloc' in msg:\n"
+        "        rec = {'skipped': 'needs more than the memory limit'}\n"
+        "    else:\n"
+        "        raise\n"
+        "print('RESULT ' + json.dumps(rec))\n"
+    )
+    try:
+        r = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True,
+                           timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"slower than {timeout_s:.0f} s"}
+    for line in r.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    tail = (r.stderr.strip().splitlines() or ["no output"])[-1]
+    if "memory" in tail.lower() or r.returncode in (-9, 137):
+        return {"skipped": "needs more than the memory limit"}
+    return {"skipped": f"failed: {tail[:200]}"}
+
+
+def meta(command: str) -> dict[str, Any]:
+    return {"machine": platform.machine(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command, "peak_mm_gflops": round(machine_peak_gflops(), 1)}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    if path.exists():
+        return json.loads(path.read_text()).get("rows", [])
+    return []
+
+
+def save(path: Path, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """Write results atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"meta": meta_, "rows": rows}, f, indent=1)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
