@@ -88,8 +88,27 @@ class SoftmaxAttention(nn.Module):
         """Hook for subclasses on the explicit path: scores (B, H, Nq, Nk) before masking and softmax."""
         return scores
 
+    def probs(self, scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Hook for subclasses on the explicit path: attention weights (B, H, Nq, Nk) from the scores and the
+        boolean `allowed` mask (broadcastable to the scores, True = may attend; None = everything)."""
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, float("-inf"))
+        return scores.softmax(-1)
+
+    def project(self, x: torch.Tensor, src: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook for subclasses: q (B, N, H*Dh) from x and kv (B, M, 2*Hkv*Dh) from src. `cache` is passed only
+        for self-attention; `mask` is the caller's key-padding mask (B, Nk) or None."""
+        return self.q(x), self.kv(src)
+
+    def output_mod(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Hook for subclasses: per-head outputs y (B, H, N, Dh) before the heads are merged; x is the input."""
+        return y
+
     def _needs_explicit(self) -> bool:
-        return self.explicit or type(self).score_mod is not SoftmaxAttention.score_mod
+        cls = type(self)
+        return (self.explicit or cls.score_mod is not SoftmaxAttention.score_mod
+                or cls.probs is not SoftmaxAttention.probs)
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, positions=None,
                 cache: KVCache | None = None, context: torch.Tensor | None = None,
@@ -100,10 +119,11 @@ class SoftmaxAttention(nn.Module):
             raise FormersError(f"softmax mixer got unsupported arguments: {sorted(unused)}")
         B, N, _ = x.shape
         H, Hkv, Dh = self.heads, self.kv_heads, self.head_dim
-        q = self.q(x).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
         src = x if context is None else context
         M = src.shape[1]
-        k, v = self.kv(src).view(B, M, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # each (B, Hkv, M, Dh)
+        q, kv = self.project(x, src, mask, cache if context is None else None)
+        q = q.view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+        k, v = kv.view(B, M, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # each (B, Hkv, M, Dh)
 
         causal = self.causal and context is None
         past = cache.length if (cache is not None and context is None) else 0
@@ -144,6 +164,7 @@ class SoftmaxAttention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=self.scale)
             if empty is not None and bool(empty.any()):
                 y = y.masked_fill(empty, 0.0)
+        y = self.output_mod(y, x)
         y = y.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, H*Dh)
         return self.out(y)
 
@@ -152,7 +173,5 @@ class SoftmaxAttention(nn.Module):
         if bias is not None:
             scores = scores + bias
         scores = self.score_mod(scores)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, float("-inf"))
-        attn = F.dropout(scores.softmax(-1), p=drop, training=drop > 0)
+        attn = F.dropout(self.probs(scores, allowed), p=drop, training=drop > 0)
         return attn @ v  # (B, H, Nq, Dh)
