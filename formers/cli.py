@@ -69,7 +69,7 @@ def _cmd_list(a) -> int:
         if e.max_len:
             flags.append("max_len" if e.max_len is True else f"max_len {e.max_len}")
         alias = f" (alias {', '.join(e.aliases)})" if e.aliases else ""
-        print(f"  {e.name:<14} {e.paper:<9} {'; '.join(flags):<18} {e.doc}{alias}")
+        print(f"  {e.name:<16} {e.paper:<9} {'; '.join(flags):<28} {e.doc}{alias}")
     if not fam:
         print("\nrecipes:\n  " + "\n  ".join(builtin_recipes()))
     return 0

@@ -373,8 +373,9 @@ class Performer(KernelAttention):
 
 @register("mixer", "cosformer", paper="P52", causal_ok=True, max_len=True)
 class CosFormerAttention(KernelAttention):
-    """cosFormer attention: ReLU features re-weighted by cos(pi/2 (i - j) / M), kept linear by cos(a - b) =
-    cos a cos b + sin a sin b.
+    """cosFormer attention: ReLU features re-weighted by cos(pi/2 (i - j) / M), linear via cos(a-b) expansion.
+
+    The re-weighting stays linear because cos(a - b) = cos a cos b + sin a sin b.
 
     P52 "Neural Architecture Search on Efficient Transformers and Beyond" searches per layer between softmax and
     this attention (Qin et al. 2022, "cosFormer"). With theta_i = pi/2 (i + 1) / M:
