@@ -103,14 +103,15 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(13, 5.5), dpi=100)
     names = sorted({r["mixer"] for r in rows}, key=lambda s: (s != REFERENCE, s))
-    cmap = plt.get_cmap("tab20")
+    cmap = plt.get_cmap("tab10")
     for i, name in enumerate(names):
         pts = sorted((r["n"], r) for r in rows if r["mixer"] == name and "seconds" in r)
         if not pts:
             continue
-        style = {"color": "black", "lw": 2.5} if name == REFERENCE else {"color": cmap(i % 20), "lw": 1.2}
-        axes[0].plot([n for n, _ in pts], [r["seconds"] for _, r in pts], "o-", ms=3, label=name, **style)
-        axes[1].plot([n for n, _ in pts], [max(r["peak_mib"], 0.1) for _, r in pts], "o-", ms=3, **style)
+        style = {"color": "black", "lw": 2.5} if name == REFERENCE else \
+            {"color": cmap(i % 10), "lw": 1.2, "ls": ("-", "--", ":")[i // 10 % 3]}  # 30 distinct lines
+        axes[0].plot([n for n, _ in pts], [r["seconds"] for _, r in pts], marker="o", ms=3, label=name, **style)
+        axes[1].plot([n for n, _ in pts], [max(r["peak_mib"], 0.1) for _, r in pts], marker="o", ms=3, **style)
     for ax, ylabel in zip(axes, ["forward+backward seconds", "peak memory above baseline (MiB)"]):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
