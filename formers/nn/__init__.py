@@ -3,12 +3,13 @@
 from formers.nn import (  # noqa: F401  (registration)
     act,
     attention,
-    extractor,
+    batchnorm,
     ffn,
     linear_attention,
     lra_baselines,
     norm,
     position,
+    residual,
     softmax_variants,
     sparse_attention,
 )
