@@ -3,6 +3,7 @@
     pre  (Pre-LN):  x = x + F(N(x))                      final norm after the stack
     post (Post-LN): x = N(x + F(x))                      no final norm
     peri (Peri-LN, P77; alias sandwich): x = x + N_out(F(N_in(x)))   final norm after the stack
+    lns  (LayerNorm Scaling, P61):       x = x + F(N(x) / sqrt(l))      l = 1-based layer index; final norm
 
 A block spec is a mapping (see DESIGN §3): placement, norm, residual, mixer, ffn, dropout. Per-layer
 overrides (`model.layers`) are merged into the default spec before each block is built.
@@ -92,6 +93,29 @@ class PeriNorm(Placement):
         return self.residual(x, self.drop(self.norm_out(self.fn(self.norm_in(x), **kw))))
 
 
+@register("placement", "lns", paper="P61", aliases=("layernorm_scaling",))
+class LNSNorm(PreNorm):
+    """LayerNorm Scaling (P61): Pre-LN whose norm output is scaled by 1/sqrt(l), l the 1-based layer index.
+
+    P61 "The Curse of Depth in Large Language Models": x = x + F(Norm(x) / sqrt(l)) for both sublayers of layer l,
+    no new parameters; the final norm after the stack is unscaled. Facts from the official code
+    (lmsdss/LayerNorm-Scaling, peft_pretraining/modeling_llama.py, norm_type 'LNS': scale = 1/sqrt(layer_index + 1)).
+    Initialisation: the README asks for plain normal init, NOT depth-scaled init (OLMo/GPT-2 style 1/sqrt(2L)
+    output scaling), which would cancel the benefit; the formers models' N(0, 0.02) init is the intended one.
+    `layer` is the 0-based index that Block passes (reserved: set by the model, not by the config).
+    """
+
+    def __init__(self, dim, sublayer, norm, residual, dropout=0.0, layer: int = 0):
+        super().__init__(dim, sublayer, norm, residual, dropout)
+        if layer < 0:
+            raise FormersError(f"placement: layer index must be >= 0, got {layer}")
+        self.layer = layer
+        self.scale = (layer + 1) ** -0.5
+
+    def forward(self, x, **kw):
+        return self.residual(x, self.drop(self.fn(self.norm(x) * self.scale, **kw)))
+
+
 # ------------------------------------------------------------------------------------------------------- block
 
 BLOCK_DEFAULTS: dict[str, Any] = {
@@ -104,7 +128,8 @@ class Block(nn.Module):
     """One Transformer layer: token mixer then channel mixer, each wrapped by the placement; (B, N, D) -> (B, N, D)."""
 
     def __init__(self, dim: int, causal: bool, spec: dict[str, Any], path: str = "model.block",
-                 max_len: int | None = None):
+                 max_len: int | None = None, layer: int = 0):
+        """`layer` is the block's 0-based depth index, passed to placements that take it (e.g. `lns`)."""
         super().__init__()
         spec = {**BLOCK_DEFAULTS, **spec}
         unknown = [k for k in spec if k not in BLOCK_DEFAULTS]
@@ -127,8 +152,8 @@ class Block(nn.Module):
         def wrap(sub: nn.Module) -> nn.Module:
             residual = build("residual", spec["residual"], path=f"{path}.residual", reserved=("dim",), dim=dim)
             return build("placement", spec["placement"], path=f"{path}.placement",
-                         reserved=("dim", "sublayer", "norm", "residual", "dropout"),
-                         dim=dim, sublayer=sub, norm=norm, residual=residual, dropout=spec["dropout"])
+                         reserved=("dim", "sublayer", "norm", "residual", "dropout", "layer"),
+                         dim=dim, sublayer=sub, norm=norm, residual=residual, dropout=spec["dropout"], layer=layer)
 
         self.attn = wrap(mixer)
         self.has_ffn = spec["ffn"] not in (None, "none")

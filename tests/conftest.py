@@ -2,6 +2,10 @@ import pytest
 import torch
 import yaml
 
+# Tests use tiny tensors: one intra-op thread is as fast and does not collapse when the cores are shared
+# (OpenMP spin-waiting with 2 threads on a busy 2-core machine made tiny forwards 100x slower).
+torch.set_num_threads(1)
+
 TINY_LM = {
     "name": "tiny",
     "model": {"name": "lm", "dim": 32, "depth": 2, "block": {"mixer": {"name": "softmax", "heads": 4}}},

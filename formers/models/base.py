@@ -32,7 +32,7 @@ class SequenceModel(nn.Module):
         specs = layer_specs(block, layers, depth)
         self.stack = build_stack(stack, depth, lambda i: Block(
             dim, self.causal, specs[i], path="model.block" if specs[i] == specs[0] else f"model.layers[{i}]",
-            max_len=max_len))
+            max_len=max_len, layer=i))
         first = next(m for m in self.stack.modules() if isinstance(m, Block))
         self.norm = build("norm", specs[0]["norm"], path="model.block.norm", reserved=("dim",), dim=dim) \
             if first.final_norm else nn.Identity()

@@ -1,5 +1,6 @@
 """Decoder-only language model (GPT-style): causal stack over token embeddings, a linear head over the vocabulary,
-and `generate()` with greedy, temperature, top-k and top-p sampling through the KV cache."""
+`generate()` with greedy, temperature, top-k and top-p sampling through the KV cache, and Transformer-XL style
+segment memory (`mem_len`, `forward_segment`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from torch import nn
 
 from formers.models.base import SequenceModel
+from formers.nn.attention import KVCache
 from formers.registry import FormersError, register
 
 
@@ -17,15 +19,21 @@ class LM(SequenceModel):
     """Decoder-only Transformer LM (Radford et al., GPT): logits = W_head Norm(Stack(Embed(ids) + Pos)).
 
     Shapes: ids (B, N) -> logits (B, N, V).
+    `mem_len` > 0 enables `forward_segment`: segment-level recurrence with a memory of the previous segments'
+    keys/values (Transformer-XL, Dai et al. 2019; used by GTrXL, P48).
     """
 
     causal = True
 
     def __init__(self, vocab: int = 256, dim: int = 256, depth: int = 4, max_len: int = 1024,
                  position: Any = "learned", block: dict | None = None, layers: dict | None = None,
-                 stack: Any = "plain", tie_embeddings: bool = False, dropout: float = 0.0):
+                 stack: Any = "plain", tie_embeddings: bool = False, dropout: float = 0.0, mem_len: int = 0,
+                 head_bias: bool = False):
         super().__init__(vocab, dim, depth, max_len, position, block, layers, stack, dropout)
-        self.head = nn.Linear(dim, vocab, bias=False)
+        if mem_len < 0:
+            raise FormersError(f"model: mem_len must be >= 0 (0 = no segment memory), got {mem_len}")
+        self.mem_len = mem_len
+        self.head = nn.Linear(dim, vocab, bias=head_bias)  # a bias appears when P54's converters fold a norm bias
         self._init_weights()
         self.tie_embeddings = tie_embeddings
         if tie_embeddings:
@@ -37,6 +45,48 @@ class LM(SequenceModel):
     def forward(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None,
                 cache: list | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(idx, mask=mask, cache=cache))
+
+    def forward_segment(self, idx: torch.Tensor, memory: list[KVCache] | None = None
+                        ) -> tuple[torch.Tensor, list[KVCache]]:
+        """One segment of Transformer-XL style training: ids (B, N) attend to themselves (causally) and to the
+        memory of earlier segments; returns (logits (B, N, V), new memory).
+
+        `memory` is None for the first segment, else the list returned by the previous call (one KVCache per
+        block application; it is not modified). The new memory holds each layer's keys/values of the last
+        `mem_len` positions, detached: no gradient flows into past segments. Positions continue from the memory
+        (offset = memory length). When memory is truncated, rotary keys are re-rotated so relative distances stay
+        exact (this assumes mixers cache keys after rotation, as `softmax` does); absolute encodings restart at
+        offset mem_len. Mixers with a recurrent `state` instead of keys carry that state whole (detached).
+        """
+        if self.mem_len <= 0:
+            raise FormersError("forward_segment needs segment memory; set model.mem_len > 0 (e.g. the segment length)")
+        if memory is None:
+            cache = self.new_cache()
+        else:
+            if len(memory) != self.stack.num_applications:
+                raise FormersError(f"memory has {len(memory)} layers but the stack applies "
+                                   f"{self.stack.num_applications} blocks; pass the memory this model returned")
+            cache = [_copy_cache(m) for m in memory]
+        logits = self(idx, cache=cache)
+        return logits, [self._truncate(c) for c in cache]
+
+    def _truncate(self, c: KVCache) -> KVCache:
+        """Detached copy of `c` keeping the last mem_len keys/values, positions renumbered from 0."""
+        out = KVCache()
+        out.state = {k: v.detach() for k, v in c.state.items()}
+        out.length = c.length
+        if c.k is None:
+            return out
+        k, v = c.k.detach(), c.v.detach()  # (B, H, L, Dh)
+        drop = k.shape[2] - self.mem_len
+        if drop > 0:
+            k, v = k[:, :, drop:], v[:, :, drop:]  # (B, H, mem_len, Dh)
+            positions = self._relative_positions()
+            if positions is not None:  # shift the cached rotations by -drop (identity for non-rotary encodings)
+                shift = torch.full((k.shape[2],), -drop, device=k.device)
+                k = positions.rotate(k, k, shift, shift)[1]
+        out.k, out.v, out.length = k, v, k.shape[2]
+        return out
 
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the vocabulary head by a fresh `num_classes`-way head (untied)."""
@@ -71,6 +121,13 @@ class LM(SequenceModel):
             logits = self(nxt, cache=cache)[:, -1] if use_cache else self(idx)[:, -1]
         self.train(was_training)
         return idx
+
+
+def _copy_cache(c: KVCache) -> KVCache:
+    """A shallow copy, so that running a segment does not grow the caller's memory in place."""
+    out = KVCache()
+    out.k, out.v, out.state, out.length = c.k, c.v, dict(c.state), c.length
+    return out
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,

@@ -210,14 +210,14 @@ class Trainer:
                     n_acc += 1
                 if not math.isfinite(loss_acc):
                     raise FormersError(f"loss became {loss_acc} at step {step}; lower train.lr or enable grad_clip")
-                if tc.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
                 self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 if done % tc.log_every == 0 or done == self.total:
                     dt = time.perf_counter() - t0
-                    rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9)}
+                    rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9),
+                           "grad_norm": float(grad_norm)}
                     rec.update({f"aux_{k}": float(v.detach()) for k, v in aux.items()} if aux else {})
                     log.write(json.dumps(rec) + "\n")
                     log.flush()
