@@ -121,6 +121,14 @@ def _cmd_data(a) -> int:
     return 0
 
 
+def _cmd_convert(a) -> int:
+    from formers.compress import convert_run
+
+    out = convert_run(a.run, a.out, a.to)
+    print(f"converted {a.run} -> {out} ({a.to}); load it with formers.load_run('{out}')")
+    return 0
+
+
 def _cmd_bench(a) -> int:
     if a.what == "attention":
         from formers.bench.attention import main as bench_attention
@@ -170,6 +178,12 @@ def make_parser() -> argparse.ArgumentParser:
     d.add_argument("names", nargs="*")
     d.add_argument("--defaults", action="store_true", help="fetch the default sources")
     d.set_defaults(fn=_cmd_data)
+
+    c = sub.add_parser("convert", help="convert a trained Pre-LN run to an equivalent Pre-(C)RMSNorm run (P54)")
+    c.add_argument("run")
+    c.add_argument("--to", required=True, choices=["prermsnorm", "precrmsnorm"])
+    c.add_argument("--out", required=True, help="new run folder")
+    c.set_defaults(fn=_cmd_convert)
 
     b = sub.add_parser("bench", help="speed/memory benchmarks writing results/*.json and PNGs")
     b.add_argument("what", choices=["attention"], help="attention: every mixer's time and memory vs length")

@@ -31,6 +31,10 @@ def test_train_eval_generate(tiny_recipe, tmp_path, capsys):
     assert '"val_bpb"' in capsys.readouterr().out
     assert main(["generate", str(out), "--prompt", "def ", "--tokens", "10", "--greedy"]) == 0
     assert capsys.readouterr().out.startswith("def ")
+    assert main(["convert", str(out), "--to", "precrmsnorm", "--out", str(tmp_path / "crms")]) == 0
+    assert "converted" in capsys.readouterr().out
+    assert main(["eval", str(tmp_path / "crms")]) == 0
+    assert '"val_bpb"' in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "not a run folder" in capsys.readouterr().err
 
