@@ -24,7 +24,7 @@ def test_list_show_data(capsys):
 
 def test_train_eval_generate(tiny_recipe, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["train", str(tiny_recipe), "train.steps=12", "--out", str(out)]) == 0
+    assert main(["train", str(tiny_recipe), "--out", str(out), "train.steps=12"]) == 0  # overrides after options
     text = capsys.readouterr().out
     assert "val_bpb=" in text and "sample:" in text
     assert main(["eval", str(out)]) == 0
