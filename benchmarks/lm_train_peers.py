@@ -24,20 +24,9 @@ import torch
 import torch.nn.functional as F
 
 import formers
+from formers.bench.harness import machine_peak_gflops
 
 VOCAB, DIM, DEPTH, HEADS, SEQ, BATCH = 256, 256, 4, 4, 256, 8
-
-
-def machine_peak_gflops() -> float:
-    """Median of 10 runs of torch.mm on preallocated 2048x2048 fp32 tensors (DESIGN §5)."""
-    a, b, c = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
-    torch.mm(a, b, out=c)
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        torch.mm(a, b, out=c)
-        times.append(time.perf_counter() - t)
-    return 2 * 2048 ** 3 / statistics.median(times) / 1e9
 
 
 def formers_model():
