@@ -5,7 +5,7 @@ and GTrXL gating (P48). Each trains the `lm_shakespeare` recipe with depth 12 an
 reports held-out bits per byte, the largest gradient norm and loss spikes, and the per-layer activation variance at
 the end (on a fixed held-out batch).
 
-    python benchmarks/norm_depth.py [--steps 600] [--only pre peri]
+    python benchmarks/norm_depth.py [--steps 400] [--only pre peri]
 
 Resumable: finished configurations are kept in results/norm_depth.json and not re-run; an interrupted one resumes
 from its last checkpoint in results/tmp/norm_depth/. Writes results/norm_depth.json and results/norm_depth.png.
@@ -14,14 +14,13 @@ from its last checkpoint in results/tmp/norm_depth/. Writes results/norm_depth.j
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 import formers
-from formers.bench.harness import load_rows, meta, save
+from formers.bench.sweep import lm_sweep
 
 CONFIGS = {
     "pre": {"placement": "pre", "norm": "layernorm"},
@@ -34,17 +33,19 @@ CONFIGS = {
 }
 
 
-def overrides(block: dict, steps: int, seed: int) -> list[str]:
-    out = ["model.depth=12", "model.dim=128", f"train.steps={steps}", f"train.seed={seed}", "train.eval_every=100",
-           "train.ckpt_every=100", "train.log_every=10", "train.sample=false", "train.progress=false",
-           "task.eval_limit=32768"]
-    return out + [f"model.block.{k}={v}" for k, v in block.items()]
+def overrides(block: dict) -> list[str]:
+    return [f"model.block.{k}={v}" for k, v in block.items()]
+
+
+def common(steps: int, seed: int) -> list[str]:
+    return ["model.depth=12", "model.dim=128", f"train.steps={steps}", f"train.seed={seed}", "train.eval_every=100",
+            "train.ckpt_every=100", "train.log_every=10", "train.sample=false", "train.progress=false",
+            "task.eval_limit=32768"]
 
 
 @torch.no_grad()
-def layer_variance(run_dir: Path) -> list[float]:
+def layer_variance(run_dir: Path, model: torch.nn.Module) -> dict:
     """Variance of the residual stream after each block on a fixed held-out batch."""
-    model = formers.load_run(run_dir)
     task = formers.get("task", "lm_bytes").obj(corpus="shakespeare", seq_len=128)
     x = task.val_data[: 8 * 128].view(8, 128)
     out = []
@@ -53,33 +54,12 @@ def layer_variance(run_dir: Path) -> list[float]:
     model(x)
     for h in hooks:
         h.remove()
-    return out
+    return {"layer_variance": [round(v, 5) for v in out]}
 
 
 def run(names: list[str], steps: int, seed: int, out: Path) -> list[dict]:
-    rows = load_rows(out)
-    done = {r["config"] for r in rows}
-    m = meta(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]]))
-    for name in names:
-        if name in done:
-            continue
-        run_dir = Path("results/tmp/norm_depth") / name
-        print(f"== {name}", flush=True)
-        resume = (run_dir / "config.yaml").exists()
-        result = formers.fit("lm_shakespeare", overrides(CONFIGS[name], steps, seed), out=run_dir, resume=resume,
-                             force=not resume)
-        logs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        train = [r for r in logs if "loss" in r]
-        losses = [r["loss"] for r in train]
-        spikes = sum(1 for a, b in zip(losses, losses[1:]) if b > a + 0.5)
-        rows.append({"config": name, "block": CONFIGS[name], "steps": steps, "seed": seed,
-                     "val_bpb": round(result["val_bpb"], 4), "final_loss": round(losses[-1], 4),
-                     "max_grad_norm": round(max(r["grad_norm"] for r in train), 3), "loss_spikes": spikes,
-                     "curve_step": [r["step"] for r in train], "curve_loss": [round(v, 4) for v in losses],
-                     "curve_grad_norm": [round(r["grad_norm"], 4) for r in train],
-                     "layer_variance": [round(v, 5) for v in layer_variance(run_dir)],
-                     "train_seconds": round(result["train_seconds"], 1)})
-        save(out, m, rows)
+    configs = {name: overrides(block) for name, block in CONFIGS.items()}
+    rows = lm_sweep(configs, names, common(steps, seed), out, Path("results/tmp/norm_depth"), extra=layer_variance)
     plot(rows, out.with_suffix(".png"))
     return rows
 
@@ -108,7 +88,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", default="results/norm_depth.json")

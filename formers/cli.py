@@ -129,6 +129,29 @@ def _cmd_convert(a) -> int:
     return 0
 
 
+def _parse_layers(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise FormersError(f"--layers takes comma-separated layer indices such as 0,2; got {text!r}") from None
+
+
+def _cmd_moefy(a) -> int:
+    from formers.compress import moefy_run
+
+    out = a.out or f"{str(a.run).rstrip('/')}-emoe-e{a.experts}-k{a.k}"
+    layers = _parse_layers(a.layers)
+    path = moefy_run(a.run, out, a.experts, a.k, layers=layers, clustering=a.clustering, learn_gate=a.learn_gate,
+                     seed=a.seed)
+    which = "all layers" if layers is None else "layers " + ",".join(str(i) for i in sorted(set(layers)))
+    gate = "learned gate, softmax combine" if a.learn_gate else "fixed centroid gate, unit combine"
+    print(f"moefied {a.run} -> {path}: the mlp FFN of {which} split into {a.experts} experts, top-{a.k} "
+          f"({a.clustering} clustering, {gate}); load it with formers.load_run('{path}')")
+    return 0
+
+
 def _cmd_bench(a) -> int:
     if a.what == "attention":
         from formers.bench.attention import main as bench_attention
@@ -184,6 +207,18 @@ def make_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", required=True, choices=["prermsnorm", "precrmsnorm"])
     c.add_argument("--out", required=True, help="new run folder")
     c.set_defaults(fn=_cmd_convert)
+
+    m = sub.add_parser("moefy", help="split a trained run's mlp FFNs into top-k experts without new parameters "
+                                     "(EMoE, P46)")
+    m.add_argument("run")
+    m.add_argument("--experts", type=int, required=True, help="experts per layer; must divide the FFN width")
+    m.add_argument("--k", type=int, required=True, help="experts each token uses (k = experts: the dense FFN)")
+    m.add_argument("--layers", default=None, help="comma-separated layer indices, e.g. 0,2 (default: all)")
+    m.add_argument("--out", default=None, help="new run folder (default <run>-emoe-e<experts>-k<k>)")
+    m.add_argument("--clustering", default="balanced_kmeans", choices=["balanced_kmeans", "random", "contiguous"])
+    m.add_argument("--learn-gate", action="store_true", help="train the router (softmax combine) instead of fixing it")
+    m.add_argument("--seed", type=int, default=0, help="seed of the clustering")
+    m.set_defaults(fn=_cmd_moefy)
 
     b = sub.add_parser("bench", help="speed/memory benchmarks writing results/*.json and PNGs")
     b.add_argument("what", choices=["attention"], help="attention: every mixer's time and memory vs length")

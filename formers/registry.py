@@ -25,7 +25,7 @@ class FormersError(ValueError):
 
 
 FAMILIES = (
-    "mixer", "ffn", "act", "norm", "placement", "residual", "stack", "position",
+    "mixer", "ffn", "act", "norm", "placement", "residual", "stack", "position", "linear",
     "model", "task", "optimizer", "schedule",
 )
 

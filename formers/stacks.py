@@ -1,4 +1,5 @@
-"""Stacks beyond `plain` (formers/blocks.py): a looped weight-shared stack (P60) and the TLEG learngene stack (P21).
+"""Stacks beyond `plain` (formers/blocks.py): a looped weight-shared stack (P60), the TLEG learngene stack (P21)
+and WideNet's shared stack (P42: one token mixer and one channel mixer for every layer, per-layer norms).
 
 Every stack is built as `Stack(depth, make_block, **options)`; `make_block(i)` builds layer i's block from the
 model's block spec and per-layer overrides. `num_applications` is the number of block applications per forward
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from formers.blocks import PlainStack, Stack
+from formers.blocks import Block, PlainStack, Stack
 from formers.registry import FormersError, register
 
 
@@ -148,3 +149,71 @@ class LearngeneStack(Stack):
             return block
 
         return PlainStack(depth, make)
+
+
+def _share(placement: nn.Module, sublayer: nn.Module) -> None:
+    """Make `placement` call `sublayer` without registering it: a plain attribute, so the shared weights belong to
+    the stack alone (state_dict lists them once; safetensors refuses aliased tensors)."""
+    placement._modules.pop("fn", None)
+    object.__setattr__(placement, "fn", sublayer)
+
+
+@register("stack", "shared", paper="P42", aliases=("widenet",))
+class SharedStack(Stack):
+    """WideNet's stack: every layer runs ONE shared token mixer and ONE shared channel mixer, each layer keeps its
+    own norms (placements).
+
+    P42 "Go Wider Instead of Deeper" (Xue et al., AAAI 2022): with shared MHSA weights A and shared MoE weights M,
+    layer l = 1..L is
+        x'_l = x_{l-1} + A(LN_l^(1)(x_{l-1})),    x_l = x'_l + M(LN_l^(2)(x'_l))
+    (Pre-LN shown; any placement works, since the placements are per layer). Scaling width with a MoE while sharing
+    it across depth gives fewer trainable parameters; the per-layer LayerNorms let the same weights see
+    differently normalised inputs. Parameters: one mixer + one ffn + L x (per-layer norms). In WideNet the ffn is
+    the top-2 `moe` (capacity 1.25 train / 2.0 eval, load-balance loss; `ffn: {name: moe}`); any ffn works here.
+    A shared MoE reports its auxiliary losses once per layer and they add up (formers.nn.hooks.report_aux).
+
+    UNCERTAIN (facts sheet): whether the gate (router weights) is shared across layers. In the third-party Titans
+    reference (hpcaitech/Titans, titans/model/moe/widenet.py) the router object (capacity, noise) and the experts
+    are shared, while each layer's MoeLayer may own its gate matrix. We choose ONE router, shared: it is part of
+    the shared MoE module, which is what "share the MoE layer" says most directly.
+
+    Design: `make_block(i)` builds every layer; the stack then owns `self.mixer` and `self.ffn` (layer 0's) once,
+    and every layer's placements call them through a plain, unregistered attribute `fn`. The state dict holds the
+    shared weights once, under `stack.mixer` / `stack.ffn`, and `modules()` reaches them once (init, aux losses,
+    set_step). Layers i > 0 drop the mixer and ffn they were built with. Per-layer overrides (model.layers) may
+    change norms or placements; one that changes the mixer or ffn (type, settings, shapes) raises FormersError.
+    Each layer still gets its own KV cache slot. (B, N, D) -> (B, N, D).
+    """
+
+    def __init__(self, depth: int, make_block: Callable[[int], nn.Module]):
+        super().__init__()
+        if depth < 1:
+            raise FormersError(f"stack: shared needs depth >= 1, got {depth}")
+        blocks = [make_block(i) for i in range(depth)]
+        first = blocks[0]
+        if not isinstance(first, Block):
+            raise FormersError("stack: shared needs Blocks (placement-wrapped mixer and ffn) from make_block")
+        self.mixer = first.attn.fn
+        self.ffn = first.ffn.fn if first.has_ffn else None
+        want = (_layout(self.mixer), first.has_ffn, _layout(self.ffn) if first.has_ffn else None)
+        for i, block in enumerate(blocks[1:], start=1):
+            got = (_layout(block.attn.fn), block.has_ffn, _layout(block.ffn.fn) if block.has_ffn else None)
+            if got != want:
+                part = "mixer" if got[0] != want[0] else "ffn"
+                raise FormersError(f"stack: shared uses one {part} for every layer, but layer {i}'s {part} differs "
+                                   f"from layer 0's (a per-layer override in model.layers); override only norms "
+                                   "or placements, or use stack plain")
+        for block in blocks:
+            _share(block.attn, self.mixer)
+            if block.has_ffn:
+                _share(block.ffn, self.ffn)
+        self.blocks = nn.ModuleList(blocks)
+
+    @property
+    def num_applications(self) -> int:
+        return len(self.blocks)
+
+    def forward(self, x: torch.Tensor, *, cache: list | None = None, **kw) -> torch.Tensor:
+        for i, block in enumerate(self.blocks):
+            x = self.run(block, x, cache=None if cache is None else cache[i], **kw)
+        return x

@@ -1,5 +1,6 @@
-"""Generated from the registry: every norm, residual and stack trains inside `lm` (loss falls on a held-out batch),
-and every causal configuration leaks nothing from the future. New components are covered when they register."""
+"""Generated from the registry: every norm, residual, stack, channel mixer and activation trains inside `lm` (loss
+falls on a held-out batch), and every causal configuration leaks nothing from the future. New components are covered
+when they register."""
 
 import pytest
 import torch
@@ -17,6 +18,10 @@ def _cases():
         yield f"norm-{e.name}", {"block": {"norm": e.name}}
     for e in entries("residual"):
         yield f"residual-{e.name}", {"block": {"residual": e.name}}
+    for e in entries("ffn"):
+        yield f"ffn-{e.name}", {"block": {"ffn": e.name}}
+    for e in entries("act"):
+        yield f"act-{e.name}", {"block": {"ffn": {"name": "mlp", "act": e.name}}}
     for e in entries("stack"):
         spec, depth = STACK_OPTIONS.get(e.name, (e.name, 2))
         yield f"stack-{e.name}", {"stack": spec, "depth": depth}

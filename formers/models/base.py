@@ -11,6 +11,7 @@ from torch import nn
 
 from formers.blocks import Block, build_stack, layer_specs
 from formers.nn.attention import KVCache
+from formers.nn.hooks import clear_aux
 from formers.registry import FormersError, build
 
 
@@ -63,6 +64,7 @@ class SequenceModel(nn.Module):
             raise FormersError(f"expected integer token ids of shape (batch, length), got {tuple(idx.shape)} "
                                f"{idx.dtype}")
         offset = cache[0].length if cache else 0
+        clear_aux(self)  # auxiliary losses describe this forward pass only
         x = self.embed(idx)  # (B, N, D)
         if getattr(self.position, "kind", "") == "absolute":
             x = self.position(x, offset)
@@ -78,3 +80,5 @@ class SequenceModel(nn.Module):
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.Embedding):
                 nn.init.normal_(m.weight, std=0.02)
+            elif hasattr(m, "init_weights"):  # parameters outside nn.Linear (stacked experts, lookup tables)
+                m.init_weights(std=0.02)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from formers.models.base import SequenceModel
+from formers.nn.hooks import clear_aux
 from formers.registry import FormersError, register
 
 
@@ -45,6 +46,7 @@ class Encoder(SequenceModel):
         if self.cls_token is None:
             return super().forward_features(idx, mask=mask)
         B = idx.shape[0]
+        clear_aux(self)  # auxiliary losses describe this forward pass only
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.embed(idx)], dim=1)  # (B, 1 + N, D)
         if mask is not None:
             mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)

@@ -7,12 +7,16 @@ from formers.nn import (  # noqa: F401  (registration)
     ffn,
     linear_attention,
     lra_baselines,
+    memory,
+    moduleformer,
+    moe,
+    mohd,
     norm,
     position,
     residual,
     softmax_variants,
     sparse_attention,
 )
-from formers.nn.hooks import aux_losses, report_aux, set_step
+from formers.nn.hooks import aux_losses, clear_aux, report_aux, set_step
 
-__all__ = ["aux_losses", "report_aux", "set_step"]
+__all__ = ["aux_losses", "clear_aux", "report_aux", "set_step"]

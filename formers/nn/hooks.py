@@ -8,23 +8,36 @@
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
-_AUX_ATTR = "_formers_aux"
+# module -> {name: tensor}; kept outside the modules so that copy.deepcopy and pickling of a model never meet
+# tensors that still hold an autograd graph
+_AUX: weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
 
 
 def report_aux(module: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Record an auxiliary loss term on `module` (already weighted); overwritten by the next forward."""
-    store = module.__dict__.setdefault(_AUX_ATTR, {})
-    store[name] = value
+    """Record an auxiliary loss term on `module` (already weighted). A module called several times in one forward
+    pass (a weight-shared layer) adds up its terms; models drop stale terms at the start of each forward."""
+    store = _AUX.setdefault(module, {})
+    store[name] = store[name] + value if name in store else value
+
+
+def clear_aux(model: nn.Module) -> None:
+    """Forget every auxiliary loss reported under `model` (called by models at the start of a forward pass)."""
+    for m in model.modules():
+        store = _AUX.get(m)
+        if store:
+            store.clear()
 
 
 def aux_losses(model: nn.Module, clear: bool = True) -> dict[str, torch.Tensor]:
     """All auxiliary losses reported since the last call, summed by name across modules."""
     out: dict[str, torch.Tensor] = {}
     for m in model.modules():
-        store = m.__dict__.get(_AUX_ATTR)
+        store = _AUX.get(m)
         if not store:
             continue
         for k, v in store.items():
