@@ -6,7 +6,7 @@ as wide), ModuleFormer (P24: attention experts with stick-breaking heads + FFN e
 MemoryFormer FFN (P65). Each trains the `lm_shakespeare` recipe with depth 6; the table reports held-out bits per
 byte, tokens/s (median of the logged rates) and total and active parameters.
 
-    python benchmarks/channel_mixers.py [--steps 500] [--only gelu_mlp moe_8x2]
+    python benchmarks/channel_mixers.py [--steps 400] [--only gelu_mlp moe_8x2]
 
 Resumable: finished configurations are kept in results/channel_mixers.json and not re-run; an interrupted one
 resumes from its last checkpoint in results/tmp/channel_mixers/. Writes results/channel_mixers.json and
@@ -29,8 +29,10 @@ CONFIGS = {
     "polyrelu": ["model.block.ffn.name=mlp", "model.block.ffn.act=polyrelu"],
     "polynorm": ["model.block.ffn.name=mlp", "model.block.ffn.act=polynorm"],
     "moe_8x2": ["model.block.ffn={name: moe, experts: 8, k: 2, act: gelu}"],
-    "moduleformer": ["model.block.mixer={name: moduleformer, heads: 2, experts: 4, k: 2}",
-                     "model.block.ffn={name: moduleformer_ffn, experts: 8, k: 2, act: gelu}"],
+    # sized to the dense model's active parameters: 2 of 4 attention experts (2 heads of 32 each), 2 of 8 FFN experts
+    "moduleformer": ["model.block.mixer={name: moduleformer, heads: 2, head_dim: 32, experts: 4, k: 2, "
+                     "router_hidden: 64}",
+                     "model.block.ffn={name: moduleformer_ffn, experts: 8, k: 2, act: gelu, router_hidden: 64}"],
     "memory_ffn": ["model.block.ffn={name: memory_ffn}"],
 }
 
@@ -65,7 +67,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", default="results/channel_mixers.json")

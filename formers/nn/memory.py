@@ -83,6 +83,10 @@ class MemoryLinear(nn.Module):
         return (f"in_features={self.in_features}, out_features={self.out_features}, code_len={self.code_len}, "
                 f"tables={self.num_tables}x{self.table_size}, score={self.score!r}, bias={self.bias is not None}")
 
+    def active_parameters(self) -> int:
+        """Parameters one token reads: one row of each of the K tables, and the bias."""
+        return self.num_tables * self.out_features + (self.out_features if self.bias is not None else 0)
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """The models' GPT-2 init, as nn.Linear gets it: N(0, std) table rows, zero bias."""

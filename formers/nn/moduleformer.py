@@ -120,6 +120,11 @@ class ModuleFormerAttention(nn.Module):
         self.wo = nn.Parameter(torch.empty(experts, inner, dim).uniform_(-inner ** -0.5, inner ** -0.5))
         self.last_load: list[int] = []
 
+    def active_parameters(self) -> int:
+        """Parameters one token uses: router, shared k/v and the q/o projections of k experts."""
+        shared = sum(p.numel() for p in self.router.parameters()) + sum(p.numel() for p in self.kv.parameters())
+        return shared + self.k * (self.wq[0].numel() + self.wo[0].numel())
+
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """The models' GPT-2 init for the stacked expert projections: N(0, std)."""
