@@ -105,7 +105,7 @@ def _cmd_data(a) -> int:
     if a.action == "list":
         print(f"cache: {cache_dir()}")
         for s in SOURCES.values():
-            print(f"  {s.name:<12} {'ready' if s.ready() else 'missing':<8} {s.description}")
+            print(f"  {s.name:<14} {'ready' if s.ready() else 'missing':<8} {s.description}")
         return 0
     names = a.names or (list(DEFAULT_SOURCES) if a.defaults else [])
     if not names:
@@ -116,7 +116,13 @@ def _cmd_data(a) -> int:
             print(f"{n}: ready")
             continue
         print(f"{n}: preparing ...", flush=True)
-        s.fetch()
+        try:
+            s.fetch()
+        except FormersError as e:
+            if not a.defaults or a.names:
+                raise
+            print(f"{n}: skipped ({e})")  # setup goes on; whatever needs the source names the fix again
+            continue
         print(f"{n}: ready")
     return 0
 

@@ -16,12 +16,19 @@ SECTIONS = ("name", "model", "task", "train")
 
 
 def builtin_recipes() -> list[str]:
-    root = resources.files("formers") / "recipes"
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    """Names of the shipped recipes: `lm_shakespeare`, and `vit/vit_tiny_fmnist` for those in sub-folders."""
+    def walk(folder, prefix: str):
+        for p in folder.iterdir():
+            if p.is_dir():
+                yield from walk(p, f"{prefix}{p.name}/")
+            elif p.name.endswith(".yaml"):
+                yield prefix + p.name[:-5]
+
+    return sorted(walk(resources.files("formers") / "recipes", ""))
 
 
 def load_recipe(recipe: str | Path) -> dict[str, Any]:
-    """Load a recipe by built-in name (`lm_shakespeare`) or by path to a YAML file."""
+    """Load a recipe by built-in name (`lm_shakespeare`, `vit/vit_tiny_fmnist`) or by path to a YAML file."""
     path = Path(recipe)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.exists():
@@ -32,7 +39,9 @@ def load_recipe(recipe: str | Path) -> dict[str, Any]:
         if str(recipe) not in names:
             raise FormersError(f"unknown recipe '{recipe}'{_hint(str(recipe), names)}; built-in recipes: "
                                f"{', '.join(names)} (or give a path to a .yaml file)")
-        text, name = (resources.files("formers") / "recipes" / f"{recipe}.yaml").read_text(), str(recipe)
+        *folders, stem = str(recipe).split("/")
+        text = (resources.files("formers") / "recipes").joinpath(*folders, f"{stem}.yaml").read_text()
+        name = str(recipe)
     try:
         cfg = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

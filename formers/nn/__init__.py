@@ -16,6 +16,7 @@ from formers.nn import (  # noqa: F401  (registration)
     residual,
     softmax_variants,
     sparse_attention,
+    vision,
 )
 from formers.nn.hooks import aux_losses, clear_aux, report_aux, set_step
 
