@@ -1,6 +1,7 @@
 """Normalisations (family `norm`): forward(x) -> x over the last dimension."""
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from formers.registry import register
@@ -24,7 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # fused; = x * rsqrt(mean(x^2) + eps) * g
 
 
 @register("norm", "crmsnorm", paper="P54", aliases=("crms",))

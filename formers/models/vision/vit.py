@@ -21,6 +21,12 @@ Positions: 'learned' (`learned_2d`, resampled bicubically for other input sizes)
 'rope' (axial `rope_2d` handed to every mixer) or 'none'. Weight init as timm's default: trunc-normal(0.02) linear
 weights, zero biases, trunc-normal(0.02) learned positions, class token N(0, 1e-6), PyTorch's default for the
 patch conv; components with their own `init_weights(std)` get std 0.02.
+
+Paper options (formers/models/vision/vit_options.py, where the choices are explained):
+    tap_scales=S                    P07 TAP: x + Attn(LN(TAP(x))) in every block, S dilated 3x3 means (1 = off)
+    adl_weight, adl_threshold       P07 ADL: reports `adl` = weight * attention diversification loss while training
+    ats_blocks, ats_tokens=K        P40 ATS: adaptive token sampling in those blocks; `model.last_kept` holds the
+                                    kept counts per image after each of them (class token and 'token' pooling)
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import nn
 
 from formers.blocks import Block, build_stack, layer_specs, merge_spec
 from formers.models.vision.base import DropPath, LayerScale, VisionModel, drop_path_rates
+from formers.models.vision.vit_options import TokenAwareAvgPool, ats_schedule, check_loop, install_tap, run_blocks
 from formers.nn.hooks import clear_aux
 from formers.nn.vision import LearnedPosition2d, PatchEmbed, RotaryPosition2d, SinCosPosition2d
 from formers.registry import FormersError, build, get, register, split_spec
@@ -90,7 +97,12 @@ class ViT(VisionModel):
                  fc_norm: bool | None = None, pos_embed: Literal["learned", "sincos", "rope", "none"] = "learned",
                  rope_base: float = 100.0, block: dict | None = None, layers: dict | None = None,
                  stack: Any = "plain", drop_path: float = 0.0, layer_scale: float | None = None,
-                 pos_drop: float = 0.0, head_drop: float = 0.0, norm_eps: float = 1e-6):
+                 pos_drop: float = 0.0, head_drop: float = 0.0, norm_eps: float = 1e-6, tap_scales: int = 1,
+                 adl_weight: float = 0.0, adl_threshold: float = 2.0, ats_blocks: list[int] | None = None,
+                 ats_tokens: int | list[int] | None = None):
+        """Paper options: `tap_scales` (P07 TAP, S scales, 1 = off), `adl_weight`/`adl_threshold` (P07 ADL, th),
+        `ats_blocks`/`ats_tokens` (P40 ATS: the sampling blocks and K, one or one per block; None = the number of
+        tokens entering the blocks, the official setting). See vit_options.py."""
         super().__init__()
         if global_pool not in ("token", "avg", ""):
             raise FormersError(f"vit: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
@@ -102,6 +114,17 @@ class ViT(VisionModel):
             raise FormersError("vit: img_size, patch_size, in_chans, dim, depth and heads must be positive")
         if img_size % patch_size:
             raise FormersError(f"vit: img_size={img_size} is not a multiple of patch_size={patch_size}")
+        if tap_scales < 1 or adl_weight < 0 or adl_threshold <= 0:
+            raise FormersError("vit: tap_scales must be >= 1, adl_weight >= 0 and adl_threshold > 0")
+        self.ats = ats_schedule(ats_blocks, ats_tokens, depth)  # {block: K or None}
+        if self.ats and (not class_token or global_pool != "token" or pos_embed == "rope"):
+            raise FormersError("vit: ats_blocks needs class_token=True, global_pool='token' and a position that is "
+                               "added to the input ('learned', 'sincos' or 'none'): sampled tokens are reordered")
+        if self.ats and (tap_scales > 1 or adl_weight > 0):
+            raise FormersError("vit: ats_blocks does not combine with tap_scales > 1 or adl_weight > 0 (sampled "
+                               "tokens leave the grid); use ATS or TAP/ADL")
+        self.tap_scales, self.adl_weight, self.adl_threshold = tap_scales, adl_weight, adl_threshold
+        self.last_kept: list[torch.Tensor] = []  # ATS: kept token counts (B,) after each sampling block
         self.img_size, self.patch_size, self.in_chans, self.num_classes = img_size, patch_size, in_chans, num_classes
         self.other_size = img_size + patch_size  # any multiple of the patch works; positions are resampled
         self.dim = self.num_features = dim
@@ -148,6 +171,10 @@ class ViT(VisionModel):
         self.head_drop = nn.Dropout(head_drop)
         self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
+        if self.ats or adl_weight > 0:
+            check_loop(self.stack)
+        if tap_scales > 1:  # after the init, so that the other weights equal those of the plain ViT (same seed)
+            install_tap(self.stack, dim, tap_scales, self.num_prefix)
 
     def _init_weights(self) -> None:
         for m in self.modules():
@@ -165,7 +192,8 @@ class ViT(VisionModel):
         self.stack.grad_checkpointing = enable
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (B, C, H, W) -> tokens (B, prefix + (H/p)(W/p), D) after the final norm (if any)."""
+        """Images (B, C, H, W) -> tokens (B, prefix + (H/p)(W/p), D) after the final norm (if any); with ATS,
+        (B, M, D): the class token, the kept tokens, then filler rows (counts in `last_kept[-1]`)."""
         self.check_input(x)
         clear_aux(self)  # auxiliary losses describe this forward pass only
         grid = self.patch_embed.grid(x.shape[-2], x.shape[-1])
@@ -177,7 +205,15 @@ class ViT(VisionModel):
             x = self.pos(x, grid=grid)
         elif self.pos_kind == "rope":
             positions = self.pos.bind(grid, self.num_prefix)
-        x = self.stack(self.pos_drop(x), positions=positions)
+        x = self.pos_drop(x)
+        if self.tap_scales > 1:
+            for m in self.modules():
+                if isinstance(m, TokenAwareAvgPool):
+                    m.grid = grid
+        if self.ats or (self.adl_weight > 0 and self.training):
+            x = run_blocks(self, x, positions)  # ATS: (B, M, D) with zero filler rows past `last_kept`
+        else:
+            x = self.stack(x, positions=positions)
         return self.norm(x)
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,4 +283,40 @@ def vit_tiny(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, drop_
                block=block, layers=layers, drop_path=drop_path, layer_scale=layer_scale)
 
 
-__all__ = ["ViT", "BranchResidual", "add_branch_scaling", "fill_mixer", "VIT_CONFIGS", "vit_tiny"]
+# ------------------------------------------------------------------------------------ paper options, registered
+
+
+@register("model", "vit_tap_tiny", paper="P07")
+def vit_tap_tiny(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, drop_path: float = 0.0,
+                 tap_scales: int = 4, adl_weight: float = 1.0, adl_threshold: float = 2.0) -> ViT:
+    """`vit_tiny` with P07's TAP in every block and ADL while training, at the official defaults (TAPADL_RVT
+    main.py: --num-scales 4, --threshold 2, --adloss 1); average pooling without a class token, as RVT."""
+    return ViT(img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, dim=96, depth=6,
+               heads=3, class_token=False, global_pool="avg", drop_path=drop_path, tap_scales=tap_scales,
+               adl_weight=adl_weight, adl_threshold=adl_threshold)
+
+
+@register("model", "vit_ats_tiny", paper="P40")
+def vit_ats_tiny(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, drop_path: float = 0.0,
+                 ats_blocks: list[int] | None = None, ats_tokens: int | list[int] | None = None) -> ViT:
+    """`vit_tiny` with a class token and P40's ATS in blocks 2-5 of 6 (default; DeiT-S samples in 3-11 of 12),
+    K = the number of input tokens (None; DeiT-S: 197 = all) as in the official DeiT-S config."""
+    return ViT(img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, dim=96, depth=6,
+               heads=3, class_token=True, global_pool="token", drop_path=drop_path,
+               ats_blocks=[2, 3, 4, 5] if ats_blocks is None else ats_blocks, ats_tokens=ats_tokens)
+
+
+@register("model", "vit_small_patch16_224_ats", paper="P40")
+def vit_small_patch16_224_ats(num_classes: int = 1000, in_chans: int = 3, img_size: int = 224,
+                              drop_path: float = 0.0, ats_tokens: int | list[int] | None = None) -> ViT:
+    """DeiT-S (= `vit_small_patch16_224`) with ATS in blocks 3-11 and K = 197 (None: all input tokens), the
+    official configs/ImageNet/DeiT_S.yaml (ATS_BLOCKS [3..11], NUM_TOKENS 197, DROP_TOKENS True); no parameters
+    are added."""
+    patch, dim, depth, heads = VIT_CONFIGS["vit_small_patch16_224"]
+    return ViT(img_size=img_size, patch_size=patch, in_chans=in_chans, num_classes=num_classes, dim=dim,
+               depth=depth, heads=heads, class_token=True, global_pool="token", drop_path=drop_path,
+               ats_blocks=list(range(3, 12)), ats_tokens=ats_tokens)
+
+
+__all__ = ["ViT", "BranchResidual", "add_branch_scaling", "fill_mixer", "VIT_CONFIGS", "vit_tiny", "vit_tap_tiny",
+           "vit_ats_tiny", "vit_small_patch16_224_ats"]
