@@ -5,7 +5,7 @@ and GTrXL gating (P48). Each trains the `lm_shakespeare` recipe with depth 12 an
 reports held-out bits per byte, the largest gradient norm and loss spikes, and the per-layer activation variance at
 the end (on a fixed held-out batch).
 
-    python benchmarks/norm_depth.py [--steps 350] [--only pre peri]
+    python benchmarks/norm_depth.py [--steps 300] [--only pre peri]
 
 Resumable: finished configurations are kept in results/norm_depth.json and not re-run; an interrupted one resumes
 from its last checkpoint in results/tmp/norm_depth/. Writes results/norm_depth.json and results/norm_depth.png.
@@ -88,7 +88,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=350)
+    ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--only", nargs="*", default=list(CONFIGS), choices=list(CONFIGS))
     ap.add_argument("--out", default="results/norm_depth.json")
