@@ -159,7 +159,7 @@ def _share(placement: nn.Module, sublayer: nn.Module) -> None:
 
 
 @register("stack", "shared", paper="P42", aliases=("widenet",))
-class SharedStack(Stack):
+class SharedStack(PlainStack):
     """WideNet's stack: every layer runs ONE shared token mixer and ONE shared channel mixer, each layer keeps its
     own norms (placements).
 
@@ -186,10 +186,10 @@ class SharedStack(Stack):
     """
 
     def __init__(self, depth: int, make_block: Callable[[int], nn.Module]):
-        super().__init__()
         if depth < 1:
             raise FormersError(f"stack: shared needs depth >= 1, got {depth}")
-        blocks = [make_block(i) for i in range(depth)]
+        super().__init__(depth, make_block)  # self.blocks; forward and num_applications as in the plain stack
+        blocks = list(self.blocks)
         first = blocks[0]
         if not isinstance(first, Block):
             raise FormersError("stack: shared needs Blocks (placement-wrapped mixer and ffn) from make_block")
@@ -207,13 +207,3 @@ class SharedStack(Stack):
             _share(block.attn, self.mixer)
             if block.has_ffn:
                 _share(block.ffn, self.ffn)
-        self.blocks = nn.ModuleList(blocks)
-
-    @property
-    def num_applications(self) -> int:
-        return len(self.blocks)
-
-    def forward(self, x: torch.Tensor, *, cache: list | None = None, **kw) -> torch.Tensor:
-        for i, block in enumerate(self.blocks):
-            x = self.run(block, x, cache=None if cache is None else cache[i], **kw)
-        return x

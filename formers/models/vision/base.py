@@ -116,9 +116,23 @@ class LayerScale(nn.Module):
         return x * (self.gamma[:, None, None] if self.channels_first else self.gamma)
 
 
+def init_vit_weights(m: nn.Module) -> None:
+    """timm's ViT init, used by most official codes here: trunc-normal(0.02) Linear weights, zero biases, LN 1/0.
+    Apply with `model.apply(init_vit_weights)`."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        if m.weight is not None:
+            nn.init.ones_(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+
 def drop_path_rates(total: float, depth: int) -> list[float]:
     """Linearly increasing stochastic-depth rates over `depth` blocks, 0 to `total` (the timm/DeiT schedule)."""
     return [total * i / max(depth - 1, 1) for i in range(depth)]
 
 
-__all__ = ["VisionModel", "DropPath", "LayerScale", "drop_path_rates"]
+__all__ = ["VisionModel", "DropPath", "LayerScale", "drop_path_rates", "init_vit_weights"]

@@ -15,10 +15,10 @@ CCT-2/4: 128-d, 2 heads, mlp ratio 1; CCT-6/7: 256-d, 4 heads, ratio 2; CCT-14: 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from formers.models.vision.base import DropPath, VisionModel, drop_path_rates
+from formers.models.vision.base import DropPath, VisionModel, drop_path_rates, init_vit_weights
+from formers.nn.vision import resample_grid
 from formers.registry import FormersError, build, register
 
 POS_EMBEDS = ("learnable", "sine", "none")
@@ -163,14 +163,7 @@ class CCT(VisionModel):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_vit_weights)
         if self.pos_embed is not None:
             nn.init.trunc_normal_(self.pos_embed, std=0.2)
 
@@ -184,10 +177,7 @@ class CCT(VisionModel):
             return pe.to(like)
         pe = self.pos_embed
         if (h, w) != (self.grid, self.grid):
-            g, d = self.grid, self.num_features
-            pe = pe.reshape(1, g, g, d).permute(0, 3, 1, 2)  # (1, D, g, g)
-            pe = F.interpolate(pe, size=(h, w), mode="bilinear", align_corners=False)
-            pe = pe.permute(0, 2, 3, 1).reshape(1, h * w, d)
+            pe = resample_grid(pe[0], self.grid, (h, w), mode="bilinear", antialias=False)[None]
         return pe
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.models.vision.base import DropPath, VisionModel, drop_path_rates
+from formers.models.vision.base import DropPath, VisionModel, drop_path_rates, init_vit_weights
+from formers.nn.vision import resample_grid
 from formers.registry import FormersError, build, register
 
 
@@ -157,23 +158,13 @@ class SpectFormer(VisionModel):
 
     def _init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_vit_weights)
 
     def positions(self, a: int, b: int) -> torch.Tensor:
         """Learned positions (1, a*b, D), resampled bicubically when the grid is not the training grid."""
         pe = self.pos_embed
         if (a, b) != (self.grid, self.grid):
-            g, d = self.grid, self.num_features
-            pe = pe.reshape(1, g, g, d).permute(0, 3, 1, 2)  # (1, D, g, g)
-            pe = F.interpolate(pe, size=(a, b), mode="bicubic", align_corners=False)
-            pe = pe.permute(0, 2, 3, 1).reshape(1, a * b, d)
+            pe = resample_grid(pe[0], self.grid, (a, b), mode="bicubic", antialias=False)[None]
         return pe
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:

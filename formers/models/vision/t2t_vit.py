@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.models.vision.base import DropPath, VisionModel, drop_path_rates
+from formers.models.vision.base import DropPath, VisionModel, drop_path_rates, init_vit_weights
 from formers.nn.vision import resample_grid
 from formers.registry import FormersError, build, register
 
@@ -291,17 +291,6 @@ class T2TViT(VisionModel):
         return super().pool(x)
 
 
-def init_vit_weights(m: nn.Module) -> None:
-    """The init of both papers' code (timm's ViT habit): trunc-normal(0.02) Linear weights, zero biases, LN 1/0."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
 # ------------------------------------------------------------------------------------------------- named sizes
 
 # (dim, depth, heads, mlp_ratio, tokens_type); published params (README, with the frozen tables) in the comment
@@ -351,4 +340,4 @@ def t2t_vit_tiny(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, d
 
 
 __all__ = ["SoftSplit", "T2TPerformerLayer", "T2TAttentionLayer", "T2TModule", "ViTBlock", "T2TViT",
-           "sinusoid_table", "grid_positions", "init_vit_weights", "t2t_vit_tiny", *T2T_SIZES]
+           "sinusoid_table", "grid_positions", "t2t_vit_tiny", *T2T_SIZES]

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.models.vision.base import VisionModel, drop_path_rates
-from formers.models.vision.t2t_vit import ViTBlock, grid_positions, init_vit_weights
+from formers.models.vision.base import VisionModel, drop_path_rates, init_vit_weights
+from formers.models.vision.t2t_vit import ViTBlock, grid_positions
 from formers.registry import FormersError, register
 
 

@@ -297,7 +297,7 @@ def ats_schedule(blocks: Sequence[int] | None, tokens: int | Sequence[int] | Non
 
 def check_loop(stack: nn.Module) -> None:
     """ADL and ATS run their own loop over a plain stack of softmax-attention blocks."""
-    if not isinstance(stack, PlainStack):
+    if type(stack) is not PlainStack:  # not a subclass: the shared stack reuses modules
         raise FormersError("vit: adl_weight and ats_blocks need stack='plain'")
     for i, block in enumerate(stack.blocks):
         if not isinstance(block.attn.fn, SoftmaxAttention):
