@@ -163,6 +163,10 @@ def _cmd_bench(a) -> int:
         from formers.bench.attention import main as bench_attention
 
         return bench_attention(a.args)
+    if a.what == "lra":
+        from formers.bench.lra import main as bench_lra
+
+        return bench_lra(a.args)
     raise FormersError(f"unknown benchmark '{a.what}'")
 
 
@@ -226,8 +230,9 @@ def make_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="seed of the clustering")
     m.set_defaults(fn=_cmd_moefy)
 
-    b = sub.add_parser("bench", help="speed/memory benchmarks writing results/*.json and PNGs")
-    b.add_argument("what", choices=["attention"], help="attention: every mixer's time and memory vs length")
+    b = sub.add_parser("bench", help="benchmarks writing results/*.json and PNGs")
+    b.add_argument("what", choices=["attention", "lra"],
+                   help="attention: every mixer's time and memory vs length; lra: Long Range Arena (P29)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
     b.set_defaults(fn=_cmd_bench)
     return p

@@ -73,3 +73,55 @@ class Encoder(SequenceModel):
         w = self.head.weight
         self.head = nn.Linear(self.dim, num_classes, device=w.device, dtype=w.dtype)
         self.num_classes = num_classes
+
+
+@register("model", "dual_encoder", paper="P29")
+class DualEncoder(Encoder):
+    """Two-tower encoder of LRA's retrieval task (Tay et al. 2021, Sec. 3.3): one shared encoder embeds each
+    document to a pooled vector, then Y = MLP([X1, X2, X1 * X2, X1 - X2]) with MLP = Linear(4D, mlp_dim), ReLU,
+    Linear(mlp_dim, C) (the LRA code's dual classifier head, read for its layout).
+
+    Input (B, 2, N) (the two documents) or (B, 2N) (the two concatenated; split in halves); mask of the same shape.
+    forward_features -> (B, 2, N', D); forward_head(pre_logits=True) -> the MLP's hidden (B, mlp_dim)."""
+
+    def __init__(self, *args, mlp_dim: int | None = None, **kw):
+        super().__init__(*args, **kw)
+        if self.level != "sequence":
+            raise FormersError("dual_encoder classifies pairs of sequences; level='token' is not available")
+        hidden = mlp_dim or self.dim
+        self.head = nn.Linear(hidden, self.num_classes)
+        self.interaction = nn.Sequential(nn.Linear(4 * self.dim, hidden), nn.ReLU())
+        self.mlp_dim = hidden
+        self._init_weights()
+
+    @staticmethod
+    def _towers(x: torch.Tensor | None, what: str) -> torch.Tensor | None:
+        if x is None or x.dim() == 3:
+            if x is not None and x.shape[1] != 2:
+                raise FormersError(f"dual_encoder: {what} must be (batch, 2, length), got {tuple(x.shape)}")
+            return x
+        if x.dim() != 2 or x.shape[1] % 2:
+            raise FormersError(f"dual_encoder: {what} must be (batch, 2, length) or (batch, 2 * length), got "
+                               f"{tuple(x.shape)}")
+        return x.reshape(x.shape[0], 2, x.shape[1] // 2)
+
+    def forward_features(self, idx, *, mask=None, cache=None):
+        idx, mask = self._towers(idx, "input"), self._towers(mask, "mask")
+        B, _, N = idx.shape
+        flat_mask = None if mask is None else mask.reshape(B * 2, N)
+        h = super().forward_features(idx.reshape(B * 2, N), mask=flat_mask, cache=cache)
+        return h.reshape(B, 2, *h.shape[1:])
+
+    def forward_head(self, x, pre_logits=False, mask=None):
+        B = x.shape[0]
+        mask = self._towers(mask, "mask")
+        flat_mask = None if mask is None else mask.reshape(B * 2, -1)
+        pooled = super().forward_head(x.reshape(B * 2, *x.shape[2:]), pre_logits=True, mask=flat_mask)
+        x1, x2 = pooled.reshape(B, 2, -1).unbind(1)
+        h = self.interaction(torch.cat([x1, x2, x1 * x2, x1 - x2], dim=-1))
+        return h if pre_logits else self.head(h)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        w = self.head.weight
+        self.head = nn.Linear(self.mlp_dim, num_classes, device=w.device, dtype=w.dtype)
+        self.num_classes = num_classes
