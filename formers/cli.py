@@ -1,4 +1,4 @@
-"""`formers ...` / `python -m formers ...`: train, eval, generate, list, show, data."""
+"""`formers ...` / `python -m formers ...`: train, eval, generate, forecast, list, show, data."""
 
 from __future__ import annotations
 
@@ -42,6 +42,30 @@ def _cmd_generate(a) -> int:
     text = generate_text(model, a.prompt, a.tokens, temperature=0.0 if a.greedy else a.temperature,
                          top_k=a.top_k, seed=a.seed)
     print(text)
+    return 0
+
+
+def _cmd_forecast(a) -> int:
+    from formers.tasks.forecast import ForecastTask, plot_forecast
+    from formers.train.trainer import build_task, load_run
+
+    model = load_run(a.run)
+    task = build_task(model.run_config["task"])
+    if not isinstance(task, ForecastTask):
+        raise FormersError(f"{a.run} is not a forecasting run (task '{model.run_config['task'].get('name')}'); "
+                           "give a run of the `forecast` task")
+    r = task.forecast_csv(model, a.csv, backtest=a.backtest)
+    cols = r["columns"] + ([f"true_{c}" for c in r["columns"]] if r["truth"] is not None else [])
+    print(",".join(["date", *cols]))
+    for i, d in enumerate(r["dates"]):
+        vals = list(r["forecast"][i]) + (list(r["truth"][i]) if r["truth"] is not None else [])
+        print(",".join([str(d).replace("T", " ")] + [f"{v:.6g}" for v in vals]))
+    if a.backtest:
+        print(f"backtest on the last {len(r['dates'])} rows (scaled, as in training): mse={r['mse']:.4f} "
+              f"mae={r['mae']:.4f}", file=sys.stderr)
+    if a.out:
+        kind = "backtest" if a.backtest else "forecast"
+        print(f"plot: {plot_forecast(r, a.out, title=f'{a.run}: {kind} of {a.csv}')}", file=sys.stderr)
     return 0
 
 
@@ -196,6 +220,14 @@ def make_parser() -> argparse.ArgumentParser:
     g.add_argument("--greedy", action="store_true")
     g.add_argument("--seed", type=int, default=0)
     g.set_defaults(fn=_cmd_generate)
+
+    f = sub.add_parser("forecast", help="forecast from your own CSV with a trained forecast run (its scaler)")
+    f.add_argument("run")
+    f.add_argument("--csv", required=True, help="CSV with a date column and the run's columns")
+    f.add_argument("--out", default=None, help="PNG of the forecast (and the truth with --backtest)")
+    f.add_argument("--backtest", action="store_true",
+                   help="predict the CSV's last pred_len rows from the rows before them and score against them")
+    f.set_defaults(fn=_cmd_forecast)
 
     ls = sub.add_parser("list", help="list registered components (optionally one family) and recipes")
     ls.add_argument("family", nargs="?")

@@ -109,6 +109,19 @@ def test_encoder_learns_majority_with_early_stopping(tmp_path):
     assert (tmp_path / "maj" / "best.safetensors").exists()
 
 
+def test_early_stopping_scores_the_last_step(tmp_path):
+    """With patience, the last step's weights compete for the best checkpoint (the final evaluation loads it)."""
+    formers.fit({
+        "name": "last",
+        "model": {"name": "encoder", "dim": 16, "depth": 1, "pool": "mean", "position": "none"},
+        "task": {"name": "majority", "seq_len": 12, "symbols": 3, "n_train": 200, "n_val": 50},
+        "train": {"steps": 20, "batch_size": 8, "eval_every": 10, "patience": 5, "progress": False, "threads": 1},
+    }, out=tmp_path / "last")
+    logs = [json.loads(line) for line in (tmp_path / "last" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["step"] for r in logs if "val_acc" in r and not r.get("final")]
+    assert evals == [10, 20]
+
+
 def test_schedules_and_optimizer_groups():
     from formers.train.optim import param_groups
     cos = formers.build("schedule", {"name": "cosine", "warmup": 10, "min_ratio": 0.1})
@@ -118,6 +131,8 @@ def test_schedules_and_optimizer_groups():
     assert rs(15, 100) == pytest.approx(0.5)
     sd = formers.build("schedule", {"name": "step_decay", "every": 10, "gamma": 0.5})
     assert sd(25, 100) == pytest.approx(0.25)
+    held = formers.build("schedule", {"name": "step_decay", "every": 10, "gamma": 0.5, "hold": 1})
+    assert [held(s, 100) for s in (0, 9, 10, 19, 20, 35)] == [1, 1, 1, 1, 0.5, 0.25]
     m = formers.create_model("lm", vocab=20, dim=16, depth=1)
     decay, no_decay = param_groups(m, 0.1)
     assert all(p.dim() == 2 for p in decay["params"])

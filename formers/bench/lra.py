@@ -263,15 +263,19 @@ def plot(rows: list[dict], speed: list[dict], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import formers
 
-    ap = argparse.ArgumentParser(prog="formers bench lra", description=__doc__.splitlines()[0])
-    ap.add_argument("--mode", choices=("lite", "full"), default="lite")
-    ap.add_argument("--tasks", nargs="*", default=list(TASKS))
-    ap.add_argument("--mixers", nargs="*", default=list(MIXERS))
+    ap = argparse.ArgumentParser(prog="formers bench lra", description="Long Range Arena (P29) offline: train "
+                                 "(task, mixer) pairs, resumably, and compare with the paper's Tables 1 and 2.")
+    ap.add_argument("--mode", choices=("lite", "full"), default="lite",
+                    help="lite: short lengths, a 2-layer dim-64 model, fixed steps (2 CPU cores); full: the paper's")
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS), help=f"default: {' '.join(TASKS)}")
+    ap.add_argument("--mixers", nargs="*", default=list(MIXERS), help=f"default: the paper's table + sla: "
+                    f"{' '.join(MIXERS)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="folder (default results/lra/<mode>)")
     ap.add_argument("--speed-only", action="store_true", help="only the speed/memory table")
     ap.add_argument("--no-speed", action="store_true", help="skip the speed/memory table")
-    ap.add_argument("--lengths", nargs="*", type=int, default=list(SPEED_LENGTHS))
+    ap.add_argument("--lengths", nargs="*", type=int, default=list(SPEED_LENGTHS),
+                    help="lengths of the speed/memory table (default 1024 2048 4096)")
     a = ap.parse_args(argv)
     for t in a.tasks:
         if t not in TASKS:

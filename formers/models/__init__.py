@@ -1,4 +1,4 @@
 """Assembled models. Importing this package registers them."""
 
 from formers import stacks  # noqa: F401  (registers the stack family beyond `plain`)
-from formers.models import encoder, lm, vision  # noqa: F401
+from formers.models import encoder, informer, lm, vision  # noqa: F401

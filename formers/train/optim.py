@@ -95,11 +95,18 @@ class RSqrt(Schedule):
 
 @register("schedule", "step_decay", paper="baseline")
 class StepDecay(Schedule):
-    """Multiply the lr by `gamma` every `every` steps after warmup."""
+    """Multiply the lr by `gamma` every `every` steps after warmup, the first time after `hold` + 1 periods:
+    multiplier gamma ** max(0, (step - warmup) // every - hold). Informer's "type1" schedule (lr halved after every
+    epoch from the second on: epochs 1 and 2 at lr, epoch 3 at lr / 2, ...) is every = one epoch, gamma 0.5,
+    hold 1."""
 
-    def __init__(self, warmup: int = 0, every: int = 1000, gamma: float = 0.5):
+    def __init__(self, warmup: int = 0, every: int = 1000, gamma: float = 0.5, hold: int = 0):
         super().__init__(warmup)
-        self.every, self.gamma = every, gamma
+        if every < 1 or hold < 0:
+            from formers.registry import FormersError
+
+            raise FormersError(f"schedule step_decay: need every >= 1 and hold >= 0, got every={every}, hold={hold}")
+        self.every, self.gamma, self.hold = every, gamma, hold
 
     def after_warmup(self, step, total):
-        return self.gamma ** ((step - self.warmup) // self.every)
+        return self.gamma ** max(0, (step - self.warmup) // self.every - self.hold)

@@ -223,7 +223,9 @@ class Trainer:
                     log.flush()
                     bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     t0, tokens, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
-                if done % tc.eval_every == 0 and done != self.total:
+                # the last step is scored by the final evaluation, except with early stopping, where it must also
+                # compete for the best checkpoint that the final evaluation then loads
+                if done % tc.eval_every == 0 and (done != self.total or tc.patience is not None):
                     ev = task.evaluate(model, limit=getattr(task, "eval_limit", None))
                     log.write(json.dumps({"step": done, **ev}) + "\n")
                     log.flush()
