@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
@@ -92,8 +91,7 @@ SPEED_BATCH = 4
 def recipe(task: str, mixer: str, mode: str, seed: int = 0) -> dict[str, Any]:
     """The training recipe of one pair."""
     if mode == "lite":
-        dim, depth, heads, mlp = LITE_MODEL["dim"], LITE_MODEL["depth"], LITE_MODEL["heads"], None
-        mult = LITE_MODEL["mult"]
+        dim, depth, heads, mult = LITE_MODEL["dim"], LITE_MODEL["depth"], LITE_MODEL["heads"], LITE_MODEL["mult"]
         train = {"steps": LITE_STEPS[task], "batch_size": LITE_BATCH[task], "lr": 2e-3, "weight_decay": 0.01,
                  "schedule": {"name": "cosine", "warmup": LITE_STEPS[task] // 10, "min_ratio": 0.0}}
         dropout = 0.0
