@@ -14,8 +14,14 @@ run really took.
     python benchmarks/vision_fmnist.py [--budget-s 300] [--threads 2] [--only vit_tiny mlp_image] [--out PATH]
 
 Resumable: finished models are kept in the JSON file and not re-run; an interrupted one resumes from its last
-checkpoint in results/tmp/vision_fmnist/<model> with the step count planned for it. Writes results/vision_fmnist.json
-and results/vision_fmnist.png (test accuracy against inference throughput).
+checkpoint in results/tmp/vision_fmnist/<model> with the step count planned for it.
+
+On a shared 2-core machine the three phases can be separated so that only the timed ones need it idle:
+    --plan-only            time every model's steps (idle machine) and keep the step counts, train nothing
+    --train-threads 1      train the planned steps with one thread (accuracy depends on the step count only, so the
+                           other core may do other work meanwhile; train_seconds then shows the slower wall time)
+    --measure-only         re-time inference images/s of the finished rows (idle machine) and rewrite the JSON/PNG
+Writes results/vision_fmnist.json and results/vision_fmnist.png (test accuracy against inference throughput).
 """
 
 from __future__ import annotations
@@ -138,14 +144,20 @@ def images_per_s(model: torch.nn.Module, in_chans: int, side: int, batch: int = 
     return batch / statistics.median(times)
 
 
-def run_one(name: str, budget_s: float, threads: int, tmp: Path) -> dict[str, Any]:
+def run_one(name: str, budget_s: float, threads: int, tmp: Path, train_threads: int | None = None,
+            plan_only: bool = False) -> dict[str, Any] | None:
     torch.set_num_threads(threads)
     cfg = recipe_for(name)
-    cfg["train"]["threads"] = threads
     task = build_task(copy.deepcopy(cfg["task"]))
     task.prepare()
     run_dir = tmp / name
     p = plan(name, cfg, task, budget_s, tmp / f"{name}.plan.json")
+    if plan_only:
+        print(f"planned {name}: {p['steps']} steps ({p['seconds_per_step']:.3f} s/step)", flush=True)
+        return None
+    train_threads = train_threads or threads
+    cfg["train"]["threads"] = train_threads
+    torch.set_num_threads(train_threads)
     schedule_for(cfg, p["steps"])
     resume = (run_dir / "config.yaml").exists()
     print(f"== {name}: {p['steps']} steps ({p['seconds_per_step']:.3f} s/step, budget {budget_s:.0f} s)"
@@ -157,6 +169,7 @@ def run_one(name: str, budget_s: float, threads: int, tmp: Path) -> dict[str, An
     train = [r for r in logs if "loss" in r]
     defaults = task.model_defaults()
     entry = formers.get("model", name)
+    torch.set_num_threads(threads)
     return {
         "model": name, "paper": entry.paper, "kind": "context" if name in CONTEXT else "backbone",
         "params": model.num_params(), "test_acc": round(test["test_acc"], 4), "test_loss": round(test["test_loss"], 4),
@@ -165,7 +178,7 @@ def run_one(name: str, budget_s: float, threads: int, tmp: Path) -> dict[str, An
         "train_images_per_s": round(statistics.median(r["tokens_per_s"] for r in train), 1) if train else None,
         "steps": p["steps"], "epochs": round(p["steps"] * cfg["train"]["batch_size"] / task.train_size(), 2),
         "budget_s": budget_s, "seconds_per_step": round(p["seconds_per_step"], 4),
-        "train_seconds": round(result["train_seconds"], 1), "threads": threads,
+        "train_seconds": round(result["train_seconds"], 1), "threads": threads, "train_threads": train_threads,
         "final_loss": round(train[-1]["loss"], 4) if train else None,
         "curve_step": [r["step"] for r in train], "curve_loss": [round(r["loss"], 4) for r in train],
     }
@@ -200,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--budget-s", type=float, default=300.0, help="training seconds per model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", nargs="*", default=None, help="model names (default: every _tiny model + context)")
+    ap.add_argument("--train-threads", type=int, default=None,
+                    help="threads while training the planned steps (default --threads)")
+    ap.add_argument("--plan-only", action="store_true", help="only time the steps and keep the plans")
+    ap.add_argument("--measure-only", action="store_true", help="only re-time inference of the finished rows")
     ap.add_argument("--out", default="results/vision_fmnist.json")
     ap.add_argument("--tmp", default=None, help="run folders (default results/tmp/vision_fmnist)")
     a = ap.parse_args(argv)
@@ -216,11 +233,24 @@ def main(argv: list[str] | None = None) -> int:
     done = {r["model"] for r in rows}
     m = meta(" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
     failed = []
+    if a.measure_only:
+        for r in rows:
+            if r["model"] not in names:
+                continue
+            model = formers.load_run(tmp / r["model"])
+            r["images_per_s"] = round(images_per_s(model.fuse(), model.in_chans, model.img_size), 1)
+            r["threads"] = a.threads
+            print(f"{r['model']}: {r['images_per_s']:.0f} images/s", flush=True)
+        names = []
+        save(out, m, rows)
     for name in names:
-        if name in done:
+        if name in done and not a.plan_only:
             continue
         try:
-            rows.append(run_one(name, a.budget_s, a.threads, tmp))
+            row = run_one(name, a.budget_s, a.threads, tmp, a.train_threads, a.plan_only)
+            if row is None:
+                continue
+            rows.append(row)
         except Exception:  # one broken model must not lose the others' rows
             traceback.print_exc()
             failed.append(name)

@@ -196,7 +196,7 @@ def test_vit_recipes_resolve():
     for r in (n for n in names if n.startswith("vit/")):  # every shipped vision recipe names a registered model
         cfg = load_recipe(r)
         assert formers.get("model", cfg["model"]["name"]).name == cfg["model"]["name"]
-        assert cfg["task"] == {"name": "image_classification", "dataset": "fashion_mnist", "augment": "standard",
+        assert cfg["task"] == {"name": "image_classification", "dataset": "fashion_mnist", "augment": "none",
                                "eval_limit": 2000}
     with pytest.raises(FormersError, match="unknown recipe"):
         load_recipe("vit/no_such_recipe")

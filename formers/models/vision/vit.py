@@ -272,14 +272,15 @@ for _name in VIT_CONFIGS:
 def vit_tiny(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, drop_path: float = 0.0,
              pos_embed: Literal["learned", "sincos", "rope", "none"] = "learned",
              global_pool: Literal["token", "avg"] = "avg", block: dict | None = None, layers: dict | None = None,
-             layer_scale: float | None = None) -> ViT:
-    """ViT for 28x28 Fashion-MNIST: patch 4 (7x7 = 49 tokens), dim 96, depth 6, heads 3 (~0.68M parameters).
+             layer_scale: float | None = None, dim: int = 96, depth: int = 6, heads: int = 3) -> ViT:
+    """ViT for 28x28 Fashion-MNIST: patch 4 (7x7 = 49 tokens), dim 96, depth 6, heads 3 (~0.68M parameters) by
+    default; `dim`, `depth`, `heads` size it.
 
     Choice: global average pooling without a class token by default (Beyer et al. 2022, "Better plain ViT baselines
     for ImageNet-1k", find it learns faster than the class token in short schedules); `global_pool='token'` adds
     the class token."""
-    return ViT(img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, dim=96, depth=6,
-               heads=3, class_token=global_pool == "token", global_pool=global_pool, pos_embed=pos_embed,
+    return ViT(img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, dim=dim, depth=depth,
+               heads=heads, class_token=global_pool == "token", global_pool=global_pool, pos_embed=pos_embed,
                block=block, layers=layers, drop_path=drop_path, layer_scale=layer_scale)
 
 
