@@ -21,7 +21,7 @@ demo: setup
 	$(BIN)/formers train lm_shakespeare --out runs/lm_shakespeare --force
 
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --junitxml=.junit/pytest.xml
 
 lint: setup
 	$(BIN)/ruff check formers tests benchmarks
@@ -30,4 +30,4 @@ bench: setup
 	$(BIN)/python benchmarks/lm_train_peers.py
 
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache .junit

@@ -1,10 +1,11 @@
-"""`formers ...` / `python -m formers ...`: train, eval, generate, forecast, list, show, data."""
+"""`formers ...` / `python -m formers ...`: train, eval, generate, forecast, list, show, data, papers."""
 
 from __future__ import annotations
 
 import argparse
 import inspect
 import json
+import os
 import sys
 
 from formers.registry import FormersError
@@ -13,13 +14,33 @@ from formers.registry import FormersError
 def _cmd_train(a) -> int:
     from formers.train.trainer import train
 
+    if a.nproc is not None and a.nproc < 1:
+        raise FormersError(f"--nproc: give a number of processes >= 1, got {a.nproc}")
+    if a.nproc is not None and a.nproc > 1:
+        return _launch_train(a)
     result = train(a.recipe, a.overrides, out=a.out, resume=a.resume, force=a.force)
+    if int(os.environ.get("RANK", 0)):  # under torchrun rank 0 reports
+        return 0
     metrics = {k: v for k, v in result.items() if k not in ("sample", "run_dir", "final")}
     print("final: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
     if result.get("sample"):
         print("sample:\n" + result["sample"])
     print(f"run folder: {result['run_dir']} (config.yaml, metrics.jsonl, loss.png, summary.md, model.safetensors)")
     return 0
+
+
+def _launch_train(a) -> int:
+    """`--nproc N`: check the request here, then run this command in N processes through torchrun."""
+    from formers.train.distributed import launch
+    from formers.train.trainer import check_launch
+
+    if "WORLD_SIZE" in os.environ:
+        raise FormersError("--nproc: this process already runs under torchrun; drop --nproc (torchrun's "
+                           "--nproc-per-node sets the number of processes)")
+    check_launch(a.recipe, a.overrides, a.nproc, out=a.out, resume=a.resume, force=a.force)
+    args = [a.recipe, *a.overrides] + (["--out", a.out] if a.out else []) + (["--resume"] if a.resume else []) \
+        + (["--force"] if a.force else [])
+    return launch(args, a.nproc)
 
 
 def _cmd_eval(a) -> int:
@@ -204,6 +225,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run folder (default runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
     t.add_argument("--force", action="store_true", help="replace an existing run in the folder")
+    t.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="data-parallel training in N processes on this node (torchrun; docs/distributed.md)")
     t.set_defaults(fn=_cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a run on its task's held-out split")
@@ -267,6 +290,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="attention: every mixer's time and memory vs length; lra: Long Range Arena (P29)")
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
     b.set_defaults(fn=_cmd_bench)
+
+    from formers.papers.commands import add_parser as add_papers_parser
+
+    add_papers_parser(sub)  # formers papers [list|show|verify|search|html|docs]
     return p
 
 

@@ -2,6 +2,10 @@
 
 Each checkpoint is a folder `ckpt-<step>` that appears by a single rename, so a kill at any moment leaves either
 the old set of checkpoints or the new one, never a half-written file. Nothing here unpickles.
+
+Checkpoints hold full tensors whatever the number of processes that wrote them: sharded (FSDP) parameters and
+optimizer state are gathered on save (every rank takes part, rank 0 writes: `write=False` elsewhere) and cut to each
+rank's shard on load (formers/train/distributed.py), so N processes resume what 1 saved and vice versa.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from formers.registry import FormersError
+from formers.train.distributed import full_tensor, like
 
 
 def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -26,18 +31,20 @@ def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor]
     for idx, state in sd["state"].items():
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optim.{idx}.{k}"] = v.contiguous()
+                tensors[f"optim.{idx}.{k}"] = full_tensor(v).contiguous()
             else:
                 scalars[f"{idx}.{k}"] = v
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
 def _unflat_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict[str, Any]] = {}
     for key, v in tensors.items():
         if key.startswith("optim."):
             _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = v
+            p = params[int(idx)] if int(idx) < len(params) else None
+            state.setdefault(int(idx), {})[name] = like(v, p) if p is not None and v.shape == p.shape else v
     for key, v in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = v
@@ -45,26 +52,32 @@ def _unflat_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tenso
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied/shared tensors stored once (safetensors refuses aliases)."""
+    """Full state dict on the CPU with tied/shared tensors stored once (safetensors refuses aliases). With sharded
+    (FSDP) parameters every rank must call this: the shards are gathered."""
     out, seen = {}, {}
     for k, v in model.state_dict().items():
-        key = (v.data_ptr(), v.shape, v.dtype) if v.numel() else None
+        local = getattr(v, "_local_tensor", v)  # a shard's own storage identifies a tied parameter
+        key = (local.data_ptr(), v.shape, v.dtype) if local.numel() else None
         if key is not None and key in seen:
             continue
         if key is not None:
             seen[key] = k
-        out[k] = v.detach().contiguous()
+        out[k] = full_tensor(v).contiguous()
     return out
 
 
-def save_weights(model: torch.nn.Module, path: Path, prefix: str = "") -> None:
-    """Save model weights to a safetensors file atomically (temp file + rename)."""
+def save_weights(model: torch.nn.Module, path: Path, prefix: str = "", write: bool = True) -> None:
+    """Save model weights to a safetensors file atomically (temp file + rename). `write=False`: take part in
+    gathering sharded weights without writing (the ranks other than 0)."""
+    tensors = model_tensors(model)
+    if not write:
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
     os.close(fd)
     try:
-        save_file({prefix + k: v for k, v in model_tensors(model).items()}, tmp)
+        save_file({prefix + k: v for k, v in tensors.items()}, tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -91,23 +104,26 @@ def load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Any) 
         if expected[k].shape != v.shape:
             raise FormersError(f"weights in {where}: '{k}' has shape {tuple(v.shape)}, the model expects "
                                f"{tuple(expected[k].shape)}")
-    model.load_state_dict(sd, strict=False)
+    model.load_state_dict({k: like(v, expected[k]) for k, v in sd.items()}, strict=False)
 
 
 def _is_alias(model, key, sd) -> bool:
     """True when `key` names a tensor shared with another key that is present (tied embeddings)."""
     sd_model = model.state_dict()
-    ptr = sd_model[key].data_ptr()
-    return any(sd_model[k].data_ptr() == ptr for k in sd if k in sd_model)
+    ptr = lambda t: getattr(t, "_local_tensor", t).data_ptr()  # noqa: E731  (a shard's own storage)
+    return any(ptr(sd_model[k]) == ptr(sd_model[key]) for k in sd if k in sd_model)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, rng: dict[str, torch.Tensor],
-                    meta: dict[str, Any], keep: int = 2) -> Path:
+                    meta: dict[str, Any], keep: int = 2, write: bool = True) -> Path:
+    """Write `ckpt-<step>`; `write=False` only takes part in gathering sharded state (ranks other than 0)."""
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".ckpt-{step:08d}-"))
     tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
     opt_tensors, opt_meta = _flat_optimizer(optimizer)
+    if not write:
+        return final
+    tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".ckpt-{step:08d}-"))
     tensors.update(opt_tensors)
     tensors.update({f"rng.{k}": v for k, v in rng.items()})
     save_file(tensors, str(tmp / "state.safetensors"))

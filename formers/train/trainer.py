@@ -4,6 +4,11 @@ A run folder holds `config.yaml` (resolved), `metrics.jsonl`, `ckpt-<step>/` che
 state in safetensors + JSON, written atomically every `ckpt_every` steps), `model.safetensors` (final weights),
 `loss.png` and `summary.md`. A run killed at any point and resumed with `--resume` ends with the same weights,
 bit for bit, as an uninterrupted run on the same machine.
+
+Under torchrun (`formers train RECIPE --nproc N`) the same loop runs data-parallel (formers/train/distributed.py):
+`train.batch_size` is the global batch, every rank draws it from the shared data generator and trains on its
+slice, rank 0 alone writes the run folder, the log and the progress bar, and checkpoints hold full tensors, so a
+run saved by N processes resumes in any number of them (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 from formers import config as C
 from formers.nn.hooks import aux_losses, set_step
 from formers.registry import FormersError, _hint, build, check_type, get, split_spec
+from formers.train import distributed
 from formers.train.checkpoint import (
     clean_partial,
     list_checkpoints,
@@ -52,9 +58,13 @@ class TrainConfig:
     ckpt_every: int = 200             # steps between checkpoints
     log_every: int = 10
     seed: int = 0
-    threads: int | None = None        # torch CPU threads; default: torch's own choice
+    threads: int | None = None        # torch CPU threads; default: torch's own choice (1 per rank with --nproc)
     progress: bool = True             # show a progress bar
     sample: bool = True               # print a sample at the end when the task makes one
+    device: str = "auto"              # auto | cpu | cuda (auto: a CUDA GPU when torch sees one)
+    precision: str = "auto"           # auto | fp32 | bf16 | fp16 autocast (auto: bf16 on a GPU that runs it, else fp32)
+    parallel: str = "ddp"             # with several processes: ddp (replicate) | fsdp (shard params, grads, optimizer)
+    dist_timeout: float = 300.0       # seconds a rank waits for the others in a collective before failing
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -67,7 +77,19 @@ class TrainConfig:
         for k in ("batch_size", "accum", "eval_every", "ckpt_every", "log_every"):
             if getattr(tc, k) < 1:
                 raise FormersError(f"train.{k}: must be >= 1, got {getattr(tc, k)}")
+        for k, allowed in (("device", distributed.DEVICES), ("precision", distributed.PRECISIONS),
+                           ("parallel", distributed.PARALLEL)):
+            if getattr(tc, k) not in allowed:
+                raise FormersError(f"train.{k}: unknown value '{getattr(tc, k)}'{_hint(getattr(tc, k), allowed)}; "
+                                   f"use one of {', '.join(allowed)}")
+        if tc.dist_timeout <= 0:
+            raise FormersError(f"train.dist_timeout: must be > 0 seconds, got {tc.dist_timeout}")
         return tc
+
+
+# options that say how to run, not what to train: a run may resume with them changed (on another machine, on more
+# processes or none)
+EXECUTION_OPTIONS = ("steps", "threads", "progress", "device", "precision", "parallel", "dist_timeout")
 
 
 # ----------------------------------------------------------------------------------------------------- building
@@ -107,6 +129,24 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def check_run_dir(d: Path, resume: bool, force: bool) -> bool:
+    """Whether folder `d` already holds a run; refuses to overwrite one unless told to resume or force."""
+    had_run = d.exists() and (any(d.glob("ckpt-*")) or (d / "metrics.jsonl").exists())
+    if had_run and not (resume or force):
+        raise FormersError(f"run folder {d} already holds a run; add --resume to continue it, --force to start "
+                           "over, or --out NEW_DIR")
+    return had_run
+
+
+class _NoLog:
+    """The metrics log of ranks other than 0."""
+
+    def write(self, text: str) -> None:
+        pass
+
+    flush = close = lambda self: None  # noqa: E731
+
+
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
@@ -128,8 +168,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.resume, self.force = resume, force
         tc = self.tc
-        if tc.threads:
-            torch.set_num_threads(tc.threads)
+        self.dist = distributed.setup(tc)  # device, precision, threads; the process group under torchrun
         if tc.epochs is not None:
             per_step = tc.batch_size * tc.accum
             self.total = max(1, math.ceil(tc.epochs * self.task.train_size() / per_step))
@@ -137,6 +176,9 @@ class Trainer:
             self.total = tc.steps
         else:
             raise FormersError("train: give steps >= 1 or epochs")
+        # what the training step calls: a DDP wrapper, the model sharded in place by FSDP, or the model itself
+        self.net = distributed.wrap(self.model, self.dist)
+        self.scaler = distributed.grad_scaler(self.dist)
         self.optimizer = build("optimizer", tc.optimizer, path="train.optimizer", reserved=("params", "lr"),
                                params=param_groups(self.model, tc.weight_decay), lr=tc.lr)
         self.schedule = build("schedule", tc.schedule, path="train.schedule")
@@ -144,10 +186,7 @@ class Trainer:
     # -- run folder
     def _prepare_dir(self) -> int:
         d = self.run_dir
-        had_run = d.exists() and (any(d.glob("ckpt-*")) or (d / "metrics.jsonl").exists())
-        if had_run and not (self.resume or self.force):
-            raise FormersError(f"run folder {d} already holds a run; add --resume to continue it, --force to start "
-                               "over, or --out NEW_DIR")
+        had_run = check_run_dir(d, self.resume, self.force)
         if had_run and self.force and not self.resume:
             shutil.rmtree(d)
         d.mkdir(parents=True, exist_ok=True)
@@ -156,20 +195,36 @@ class Trainer:
         if self.resume and saved.exists():
             old = C.yaml.safe_load(saved.read_text())
             a, b = dict(old), dict(self.cfg)
-            a["train"] = {k: v for k, v in a.get("train", {}).items() if k != "steps"}
-            b["train"] = {k: v for k, v in b.get("train", {}).items() if k != "steps"}
+            a["train"] = {k: v for k, v in a.get("train", {}).items() if k not in EXECUTION_OPTIONS}
+            b["train"] = {k: v for k, v in b.get("train", {}).items() if k not in EXECUTION_OPTIONS}
             if a != b:
-                raise FormersError(f"--resume: the recipe differs from {saved} (only train.steps may change); "
-                                   "resume with the same recipe and overrides")
+                raise FormersError(f"--resume: the recipe differs from {saved} (only train.steps and how it runs: "
+                                   f"{', '.join(EXECUTION_OPTIONS[1:])} may change); resume with the same recipe "
+                                   "and overrides")
         _atomic_text(saved, C.dump(self.cfg))
         return 0
 
     def _rng_state(self, data_gen: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+        """Every rank holds the same RNG streams (same seed, same draws), so rank 0's state is the run's."""
+        state = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+        if self.dist.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.dist.device)
+        return state
+
+    def _checkpoint_meta(self, best, bad) -> dict[str, Any]:
+        meta = {"best": best, "bad": bad, "total": self.total, "world_size": self.dist.world,
+                "parallel": self.dist.parallel}
+        if self.scaler is not None:
+            meta["grad_scaler"] = self.scaler.state_dict()
+        return meta
 
     def fit(self) -> dict[str, Any]:
-        tc, model, task = self.tc, self.model, self.task
-        self._prepare_dir()
+        tc, model, task, dist = self.tc, self.model, self.task, self.dist
+        if dist.main:
+            self._prepare_dir()
+        distributed.barrier(dist)  # the folder is ready (an old run --force'd away) before any rank reads it
+        # one seed for every rank: random draws inside the model (dropout, noise, redrawn features) are the same on
+        # every rank, so replicas and shards never disagree, and rank 0's RNG state is the whole run's
         torch.manual_seed(tc.seed)
         data_gen = torch.Generator().manual_seed(tc.seed)
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -180,15 +235,22 @@ class Trainer:
             start, best, bad = meta["step"], meta.get("best"), meta.get("bad", 0)
             torch.set_rng_state(rng["torch"])
             data_gen.set_state(rng["data"])
-            kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= start and not r.get("final")]
-            _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-            print(f"resuming {self.run_dir} from step {start}")
-        elif metrics_path.exists():
+            if "cuda" in rng and dist.device.type == "cuda":
+                torch.cuda.set_rng_state(rng["cuda"], dist.device)
+            if self.scaler is not None and "grad_scaler" in meta:
+                self.scaler.load_state_dict(meta["grad_scaler"])
+            if dist.main:
+                kept = [r for r in _read_metrics(metrics_path) if r.get("step", 0) <= start and not r.get("final")]
+                _atomic_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+                print(f"resuming {self.run_dir} from step {start}"
+                      + (f" ({meta['world_size']} processes saved it, {dist.world} continue)"
+                         if meta.get("world_size", 1) != dist.world else ""))
+        elif dist.main and metrics_path.exists():
             metrics_path.unlink()
 
         model.train()
-        log = open(metrics_path, "a")
-        bar = _progress(self.total, start, tc.progress)
+        log = open(metrics_path, "a") if dist.main else _NoLog()
+        bar = _progress(self.total, start, tc.progress and dist.main)
         t0, tokens, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
         started = time.perf_counter()
         stopped_early = False
@@ -199,19 +261,33 @@ class Trainer:
                 lr = tc.lr * self.schedule(step, self.total)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                for _ in range(tc.accum):
-                    batch = task.train_batch(tc.batch_size, data_gen)
-                    loss = task.loss(model, batch)
-                    aux = aux_losses(model)
-                    total_loss = loss + sum(aux.values()) if aux else loss
-                    (total_loss / tc.accum).backward()
-                    tokens += task.count(batch)
-                    loss_acc += loss.item()
+                step_loss = 0.0
+                for i in range(tc.accum):
+                    # the global batch from the shared generator; this rank keeps its rows
+                    batch = distributed.local_rows(task.train_batch(tc.batch_size, data_gen), dist, tc.batch_size)
+                    with distributed.grad_sync(self.net, dist, last=i == tc.accum - 1):  # no_sync until the last
+                        with distributed.autocast(dist):
+                            loss = task.loss(self.net, batch)
+                            aux = aux_losses(model)
+                            total_loss = loss + sum(aux.values()) if aux else loss
+                        total_loss = total_loss / tc.accum
+                        (self.scaler.scale(total_loss) if self.scaler else total_loss).backward()
+                    tokens += task.count(batch) * dist.world
+                    step_loss += loss.item()
                     n_acc += 1
+                loss_acc += distributed.mean_over_ranks(step_loss, dist)  # the global batch's loss on every rank
                 if not math.isfinite(loss_acc):
                     raise FormersError(f"loss became {loss_acc} at step {step}; lower train.lr or enable grad_clip")
+                if self.scaler is not None:
+                    self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-                self.optimizer.step()
+                if distributed.is_sharded(grad_norm):
+                    grad_norm = grad_norm.full_tensor()
+                if self.scaler is not None:
+                    self.scaler.step(self.optimizer)
+                    self.scaler.update()
+                else:
+                    self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 if done % tc.log_every == 0 or done == self.total:
@@ -226,16 +302,16 @@ class Trainer:
                 # the last step is scored by the final evaluation, except with early stopping, where it must also
                 # compete for the best checkpoint that the final evaluation then loads
                 if done % tc.eval_every == 0 and (done != self.total or tc.patience is not None):
-                    ev = task.evaluate(model, limit=getattr(task, "eval_limit", None))
+                    ev = self._evaluate(limit=getattr(task, "eval_limit", None))  # every rank: FSDP needs them all
                     log.write(json.dumps({"step": done, **ev}) + "\n")
                     log.flush()
                     if tc.patience is not None:
                         best, bad, stop = self._early_stop(ev, best, bad)
-                        if stop:
+                        if distributed.from_main(stop, dist):
                             stopped_early = True
                 if done % tc.ckpt_every == 0 or stopped_early:
                     save_checkpoint(self.run_dir, done, model, self.optimizer, self._rng_state(data_gen),
-                                    {"best": best, "bad": bad, "total": self.total})
+                                    self._checkpoint_meta(best, bad), write=dist.main)
                 bar.update(1)
                 if stopped_early:
                     bar.write(f"early stop at step {done}: {task.metric} did not improve for {tc.patience} evals")
@@ -244,21 +320,28 @@ class Trainer:
             bar.close()
             log.close()
 
+        distributed.barrier(dist)  # rank 0 has written everything the others may read below
         if tc.patience is not None and (self.run_dir / "best.safetensors").exists():
             load_weights(model, self.run_dir / "best.safetensors")
-        save_weights(model, self.run_dir / "model.safetensors")
-        final = task.evaluate(model)
+        save_weights(model, self.run_dir / "model.safetensors", write=dist.main)
+        final = self._evaluate()
         result = {"step": done, "final": True, **final,
                   "train_seconds": time.perf_counter() - started}
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(result) + "\n")
-        sample = task.sample(model) if tc.sample else None
-        if sample is not None:
-            _atomic_text(self.run_dir / "sample.txt", sample)
-        plot_metrics(metrics_path, self.run_dir / "loss.png", task.metric)
-        self._summary(result, sample)
+        # a sharded model needs every rank in each forward; a replicated one only rank 0
+        sample = task.sample(model) if tc.sample and (dist.main or dist.parallel == "fsdp") else None
+        if dist.main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(result) + "\n")
+            if sample is not None:
+                _atomic_text(self.run_dir / "sample.txt", sample)
+            plot_metrics(metrics_path, self.run_dir / "loss.png", task.metric)
+            self._summary(result, sample)
         result["sample"] = sample
         return result
+
+    def _evaluate(self, **kw) -> dict[str, float]:
+        with distributed.autocast(self.dist):
+            return self.task.evaluate(self.model, **kw)
 
     def _early_stop(self, ev, best, bad):
         value = ev.get(self.task.metric)
@@ -266,7 +349,7 @@ class Trainer:
             return best, bad, False
         better = best is None or (value < best if self.task.mode == "min" else value > best)
         if better:
-            save_weights(self.model, self.run_dir / "best.safetensors")
+            save_weights(self.model, self.run_dir / "best.safetensors", write=self.dist.main)
             return value, 0, False
         return best, bad + 1, bad + 1 >= self.tc.patience
 
@@ -327,9 +410,23 @@ def train(recipe: str | dict, overrides: list[str] | None = None, out: str | Pat
     cfg = C.validate_sections(dict(recipe)) if isinstance(recipe, dict) else C.load_recipe(recipe)
     cfg = C.apply_overrides(cfg, overrides or [])
     run_dir = Path(out) if out else Path("runs") / cfg["name"]
-    result = Trainer(cfg, run_dir, resume=resume, force=force).fit()
+    trainer = Trainer(cfg, run_dir, resume=resume, force=force)
+    try:
+        result = trainer.fit()
+    finally:
+        distributed.teardown(trainer.dist)
     result["run_dir"] = str(run_dir)
     return result
+
+
+def check_launch(recipe: str | dict, overrides: list[str] | None, nproc: int, out: str | Path | None = None,
+                 resume: bool = False, force: bool = False) -> None:
+    """What `--nproc N` checks before it starts N processes: the recipe, the train options, the run folder."""
+    cfg = C.validate_sections(dict(recipe)) if isinstance(recipe, dict) else C.load_recipe(recipe)
+    cfg = C.apply_overrides(cfg, overrides or [])
+    tc = TrainConfig.from_dict(cfg["train"])
+    distributed.check_request(tc.device, tc.precision, tc.parallel, nproc, tc.batch_size)
+    check_run_dir(Path(out) if out else Path("runs") / cfg["name"], resume, force)
 
 
 def load_run(run_dir: str | Path, checkpoint: str | None = None):
