@@ -309,7 +309,7 @@ def test_recipes_carry_the_official_per_horizon_settings(model, features, horizo
         epoch = step // per_epoch + 1
         assert sched(step, tr["steps"]) == 0.5 ** max(0, epoch - 2), (step, epoch)
     task = build_task(t)
-    defaults = task.model_defaults() if ETT.is_file() else {}
+    defaults = task.model_defaults()  # seq/label/pred lengths even without the CSV (channels only with it)
     with torch.device("meta"):
         built = build_model(m, defaults)
     assert built.pred_len == horizon
