@@ -143,8 +143,12 @@ class Pathfinder:
         raise RuntimeError("pathfinder: could not fit the snakes in 100 tries; lower contour_length or distractors")
 
 
-def generate(n: int, level: str = "easy", size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """`n` images (n, size, size) uint8 and balanced labels (n,) int64 (exactly half positive, shuffled)."""
+def generate(n: int, level: str = "easy", size: int = 32, seed: int | list[int] = 0,
+             desc: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`n` images (n, size, size) uint8 and balanced labels (n,) int64 (exactly half positive, shuffled), from
+    np.random.default_rng(seed); a progress bar (titled `desc`) from 2,000 images on."""
+    from tqdm import tqdm
+
     if level not in LEVELS:
         raise ValueError(f"pathfinder level must be one of {', '.join(LEVELS)}, got {level!r}")
     gen = Pathfinder(size=size, contour_length=LEVELS[level])
@@ -152,6 +156,6 @@ def generate(n: int, level: str = "easy", size: int = 32, seed: int = 0) -> tupl
     labels = np.arange(n) % 2
     rng.shuffle(labels)
     images = np.empty((n, size, size), dtype=np.uint8)
-    for i in range(n):
-        images[i] = gen.sample(rng, labels[i])[0]
+    for i in tqdm(range(n), desc=desc or "pathfinder", leave=False, mininterval=2, disable=n < 2000):
+        images[i] = gen.sample(rng, int(labels[i]))[0]
     return images, labels.astype(np.int64)

@@ -57,9 +57,22 @@ def _sizes(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
 
 
 class _CachedTask(ClassificationTask):
-    """Generated splits kept as safetensors under cache_dir()/lra/<key>.safetensors (atomic writes)."""
+    """Generated splits kept as safetensors under cache_dir()/lra/<key>.safetensors (atomic writes).
+
+    Shared options: `mode` (lite | full), `seed`, `eval_batch_size`, `eval_limit`; tasks with generated splits give
+    SIZES = {mode: (train, val, test)} defaults, which n_train / n_val / n_test override."""
 
     name = "lra"
+    SIZES: dict[str, tuple[int, int, int]] = {}
+
+    def __init__(self, mode: str, seed: int, eval_batch_size: int, eval_limit: int | None,
+                 n_train: int | None = None, n_val: int | None = None, n_test: int | None = None):
+        _check_mode(mode)
+        super().__init__(eval_batch_size)
+        self.mode, self.seed, self.eval_limit = mode, seed, eval_limit
+        if self.SIZES:
+            d = self.SIZES[mode]
+            self.sizes = _sizes(n_train or d[0], n_val or d[1], n_test or d[2])
 
     def key(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -117,21 +130,18 @@ class ListOpsTask(_CachedTask):
     name = "listops"
     num_classes = 10
     vocab = lo.VOCAB
+    SIZES = {"lite": (20000, 500, 1000), "full": (96000, 2000, 2000)}
 
     def __init__(self, mode: str = "lite", min_len: int | None = None, max_len: int | None = None,
                  n_train: int | None = None, n_val: int | None = None, n_test: int | None = None, seed: int = 0,
                  eval_batch_size: int = 50, eval_limit: int | None = None):
-        _check_mode(mode)
-        super().__init__(eval_batch_size)
+        super().__init__(mode, seed, eval_batch_size, eval_limit, n_train, n_val, n_test)
         lite = mode == "lite"
         self.min_len = (100 if lite else 500) if min_len is None else min_len
         self.max_len = (500 if lite else 2000) if max_len is None else max_len
         if not 1 <= self.min_len < self.max_len - 1:
             raise FormersError(f"task.min_len/max_len: need 1 <= min_len < max_len - 1, got {self.min_len}, "
                                f"{self.max_len}")
-        self.sizes = _sizes(n_train or (20000 if lite else 96000), n_val or (500 if lite else 2000),
-                            n_test or (1000 if lite else 2000))
-        self.seed, self.eval_limit, self.mode = seed, eval_limit, mode
 
     def key(self):
         return {"task": "listops", "v": 1, "min": self.min_len, "max": self.max_len, "sizes": self.sizes,
@@ -159,41 +169,29 @@ class PathfinderTask(_CachedTask):
     name = "pathfinder"
     num_classes = 2
     vocab = 256
+    SIZES = {"lite": (10000, 500, 1000), "full": (160000, 20000, 20000)}
 
     def __init__(self, mode: str = "lite", level: str | None = None, size: int = 32, n_train: int | None = None,
                  n_val: int | None = None, n_test: int | None = None, seed: int = 0, eval_batch_size: int = 50,
                  eval_limit: int | None = None):
-        _check_mode(mode)
-        super().__init__(eval_batch_size)
-        lite = mode == "lite"
-        self.level = ("easy" if lite else "hard") if level is None else level
+        super().__init__(mode, seed, eval_batch_size, eval_limit, n_train, n_val, n_test)
+        self.level = ("easy" if mode == "lite" else "hard") if level is None else level
         if self.level not in pf.LEVELS:
             raise FormersError(f"task.level: expected one of {', '.join(pf.LEVELS)}, got {self.level!r}")
         if size < 16:
             raise FormersError(f"task.size: Pathfinder needs at least 16x16 pixels, got {size}")
         self.size = size
-        self.sizes = _sizes(n_train or (10000 if lite else 160000), n_val or (500 if lite else 20000),
-                            n_test or (1000 if lite else 20000))
-        self.seed, self.eval_limit, self.mode = seed, eval_limit, mode
 
     def key(self):
         return {"task": "pathfinder", "v": 1, "level": self.level, "size": self.size, "sizes": self.sizes,
                 "seed": self.seed}
 
     def build(self):
-        from tqdm import tqdm
-
         out = {}
         for i, split in enumerate(SPLITS):
-            n = self.sizes[split]
-            gen = pf.Pathfinder(size=self.size, contour_length=pf.LEVELS[self.level])
-            rng = np.random.default_rng([self.seed, i])
-            labels = np.arange(n) % 2
-            rng.shuffle(labels)
-            images = np.empty((n, self.size * self.size), dtype=np.uint8)
-            for j in tqdm(range(n), desc=f"pathfinder {split}", leave=False, mininterval=2, disable=n < 2000):
-                images[j] = gen.sample(rng, int(labels[j]))[0].reshape(-1)
-            out[f"{split}_x"] = torch.from_numpy(images)
+            images, labels = pf.generate(self.sizes[split], self.level, self.size, seed=[self.seed, i],
+                                         desc=f"pathfinder {split}")
+            out[f"{split}_x"] = torch.from_numpy(images.reshape(len(images), -1))
             out[f"{split}_y"] = torch.from_numpy(labels.astype(np.uint8))
         return out
 
@@ -212,13 +210,12 @@ class ImageTask(_CachedTask):
 
     def __init__(self, mode: str = "lite", val_size: int | None = None, seed: int = 0, eval_batch_size: int = 50,
                  eval_limit: int | None = None):
-        _check_mode(mode)
-        super().__init__(eval_batch_size)
+        super().__init__(mode, seed, eval_batch_size, eval_limit)
         get_source("fashion_mnist")
         val_size = (1000 if mode == "lite" else 5000) if val_size is None else val_size
         if val_size < 1:
             raise FormersError(f"task.val_size: must be >= 1, got {val_size}")
-        self.val_size, self.seed, self.eval_limit, self.mode = val_size, seed, eval_limit, mode
+        self.val_size = val_size
 
     def arrays(self):  # nothing generated: read the image source directly
         if getattr(self, "_arrays", None) is None:
@@ -265,6 +262,14 @@ def windows(text: bytes, size: int, min_fill: float = 0.25) -> list[bytes]:
     return [w for w in out if len(w) >= min_fill * size]
 
 
+def _window(mode: str, window: int | None) -> int:
+    """Byte window of the text tasks: lite 1,024, full 4,096, or the user's (>= 16)."""
+    w = (1024 if mode == "lite" else 4096) if window is None else window
+    if w < 16:
+        raise FormersError(f"task.window: must be >= 16 bytes, got {w}")
+    return w
+
+
 def encode_bytes(chunks: list[bytes], size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Byte ids + 1 (0 = padding) (n, size) uint8-safe int16 and the mask of real bytes."""
     x = torch.zeros(len(chunks), size, dtype=torch.int16)
@@ -285,12 +290,8 @@ class TextTask(_CachedTask):
 
     def __init__(self, mode: str = "lite", window: int | None = None, seed: int = 0, eval_batch_size: int = 50,
                  eval_limit: int | None = None, max_val: int = 500, max_test: int = 1000):
-        _check_mode(mode)
-        super().__init__(eval_batch_size)
-        self.window = (1024 if mode == "lite" else 4096) if window is None else window
-        if self.window < 16:
-            raise FormersError(f"task.window: must be >= 16 bytes, got {self.window}")
-        self.seed, self.eval_limit, self.mode = seed, eval_limit, mode
+        super().__init__(mode, seed, eval_batch_size, eval_limit)
+        self.window = _window(mode, window)
         self.max_split = {"val": max_val, "test": max_test}
 
     def key(self):
@@ -325,19 +326,13 @@ class RetrievalTask(_CachedTask):
     name = "retrieval"
     num_classes = 2
     vocab = 257
+    SIZES = {"lite": (10000, 500, 1000), "full": (40000, 2000, 2000)}
 
     def __init__(self, mode: str = "lite", window: int | None = None, n_train: int | None = None,
                  n_val: int | None = None, n_test: int | None = None, seed: int = 0, eval_batch_size: int = 32,
                  eval_limit: int | None = None):
-        _check_mode(mode)
-        super().__init__(eval_batch_size)
-        lite = mode == "lite"
-        self.window = (1024 if lite else 4096) if window is None else window
-        if self.window < 16:
-            raise FormersError(f"task.window: must be >= 16 bytes, got {self.window}")
-        self.sizes = _sizes(n_train or (10000 if lite else 40000), n_val or (500 if lite else 2000),
-                            n_test or (1000 if lite else 2000))
-        self.seed, self.eval_limit, self.mode = seed, eval_limit, mode
+        super().__init__(mode, seed, eval_batch_size, eval_limit, n_train, n_val, n_test)
+        self.window = _window(mode, window)
 
     def model_defaults(self):
         return {"vocab": self.vocab, "num_classes": self.num_classes, "max_len": self.window}
