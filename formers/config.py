@@ -15,6 +15,11 @@ from formers.registry import FormersError, _hint
 SECTIONS = ("name", "model", "task", "train")
 
 
+def load_yaml(text: str) -> Any:
+    """yaml.safe_load, through libyaml's C loader where PyYAML has it (several times faster, same result)."""
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 def builtin_recipes() -> list[str]:
     """Names of the shipped recipes: `lm_shakespeare`, and `vit/vit_tiny_fmnist` for those in sub-folders."""
     def walk(folder, prefix: str):
@@ -43,7 +48,7 @@ def load_recipe(recipe: str | Path) -> dict[str, Any]:
         text = (resources.files("formers") / "recipes").joinpath(*folders, f"{stem}.yaml").read_text()
         name = str(recipe)
     try:
-        cfg = yaml.safe_load(text) or {}
+        cfg = load_yaml(text) or {}
     except yaml.YAMLError as e:
         raise FormersError(f"recipe {recipe}: invalid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import formers
-from formers.cli import main
+from formers.cli import main, make_parser
 from formers.config import builtin_recipes
 from formers.papers import STATUSES, Catalog
 from formers.papers.catalog import CATEGORIES, ID_RE, load_data, read_abstracts, resolve_api
@@ -74,10 +74,17 @@ def test_recipes_tests_api_covers_and_results_of_every_entry_exist(cat):
                 rows = json.loads(path.read_text())["rows"]
                 cols = set().union(*rows)
                 assert r.spec["key"] in cols and set(r.spec.get("where", {})) <= cols, (p.id, r.spec)
-    # components are the registry's, not a second list: every paper-tagged component lands in its entry
-    for e in formers.entries():
-        if e.paper != "baseline":
-            assert e.name in {c.name for c in cat.get(e.paper).components if c.family == e.family}
+    # recipes come from the components they name: primer.yaml sets mdha and squared_relu (both P79), the ETTh1
+    # recipes build the informer model (P73); lm_shakespeare names only baseline components
+    assert "primer" in cat.get("P79").recipes and "forecast/informer_etth1_m_24" in cat.get("P73").recipes
+    assert not [p.id for p in cat if "lm_shakespeare" in p.recipes]
+
+
+def test_resolve_api_items():
+    assert resolve_api("formers.compress:moefy_model") and resolve_api("cli: formers papers verify")
+    assert not resolve_api("formers.compress:no_such_function") and not resolve_api("no_such_module:x")
+    assert not resolve_api("cli: formers no-such-command") and not resolve_api("cli: python papers")
+    assert not resolve_api("cli: formers")
 
 
 def test_cli_lists_81_shows_and_filters(cat, capsys):
@@ -86,13 +93,25 @@ def test_cli_lists_81_shows_and_filters(cat, capsys):
     rows = [ln for ln in out.splitlines() if re.match(r"P\d\d ", ln)]
     assert [r[:3] for r in rows] == [f"P{i:02d}" for i in range(1, 82)]
     counts = cat.counts()
-    assert "status: " + "  ".join(f"{s} {counts[s]}" for s in STATUSES) in out and sum(counts.values()) == 81
+    line = re.search(r"^status: reproduced (\d+)  verified (\d+)  implemented (\d+)  planned (\d+)  \(total 81\)$",
+                     out, re.M)
+    assert line, out[-400:]
+    by_row = [sum(r.split()[-1] == s for r in rows) for s in STATUSES]  # the status column of the 81 rows
+    assert [int(n) for n in line.groups()] == by_row == [counts[s] for s in STATUSES] and sum(by_row) == 81
     assert main(["papers", "--category", "survey"]) == 0
     assert [ln[:3] for ln in capsys.readouterr().out.splitlines() if re.match(r"P\d\d ", ln)] == \
         ["P23", "P31", "P34", "P36"]
     assert main(["papers", "list", "--status", "planned"]) == 0
     rows = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"P\d\d ", ln)]
     assert len(rows) == counts["planned"] and all(ln.rstrip().endswith("planned") for ln in rows)
+    parse = make_parser().parse_args
+    assert parse(["papers", "--status", "planned", "list"]).status == "planned"  # `list` keeps it
+    a = parse(["papers", "--category", "survey", "list", "--status", "verified"])
+    assert (a.category, a.status, a.action) == ("survey", "verified", "list")
+    assert (parse(["papers"]).status, parse(["papers", "list"]).category) == (None, None)
+    assert main(["papers", "--status", "planned", "list"]) == 0
+    rows_before = [ln for ln in capsys.readouterr().out.splitlines() if re.match(r"P\d\d ", ln)]
+    assert rows_before == rows
     assert main(["papers", "show", "P06"]) == 0
     out = capsys.readouterr().out
     for word in ("SLAB: Efficient Transformers", "mixer      sla", "norm       prepbn", "Equation:", "Usage:",
@@ -108,10 +127,16 @@ def test_cli_lists_81_shows_and_filters(cat, capsys):
 def test_usage_snippets_run(cat):
     import torch
 
+    ran = []
     for p in cat:
-        if p.usage() and p.id in ("P06", "P24", "P42", "P46", "P54", "P73", "P79"):  # the hand-written ones
+        if p.usage():
+            torch.manual_seed(0)
             with torch.no_grad():
                 exec(compile(p.usage(), f"<{p.id} usage>", "exec"), {})  # noqa: S102 - our own snippets
+            ran.append(p.id)
+    # every paper that formers implements (components or api) shows one, hand-written or generated
+    assert {p.id for p in cat if p.implemented} <= set(ran), {p.id for p in cat if p.implemented} - set(ran)
+    assert {"P06", "P24", "P42", "P46", "P54", "P73", "P79"} <= set(ran)
 
 
 def _junit(path: Path, cases: list[tuple[str, str, str]], mtime: float | None = None) -> Path:
@@ -172,10 +197,41 @@ def test_status_is_derived_from_a_fabricated_junit_file(tmp_path):
     assert Catalog(junit=[], results_dir=tmp_path / "missed").counts()["verified"] == 0
 
 
+def test_the_newest_junit_file_of_a_test_file_wins_and_an_edit_makes_it_stale(tmp_path):
+    now = time.time()
+    root = tmp_path / "checkout"
+    (root / "tests" / "papers").mkdir(parents=True)
+    test_file = root / "tests" / "papers" / "test_p56_wide.py"
+    test_file.write_text("def test_new():\n    pass\n")
+    os.utime(test_file, (now - 300, now - 300))
+    mod = "tests/papers/test_p56_wide"
+    old = _junit(tmp_path / "old.xml", [(mod, "test_old", "fail")], now - 200)
+    new = _junit(tmp_path / "new.xml", [(mod, "test_new", "pass")], now - 100)
+    # newer still, but without results for test_p56_wide.py: it must not hide new.xml's
+    other = _junit(tmp_path / "other.xml", [("tests/papers/test_p12_efficientvit", "test_a", "pass")], now - 50)
+    assert Catalog(root=root, junit=[old]).get("P56").tests.state == "failed"  # old.xml on its own
+    for order in ([old, new, other], [other, new, old]):  # mtime decides, not the order given
+        t = Catalog(root=root, junit=order).get("P56").tests
+        assert (t.state, [c.nodeid for c in t.cases], t.stale) == ("passed", [f"{mod}.py::test_new"], []), order
+    os.utime(test_file, (now, now))  # the test file edited after its newest result
+    cat = Catalog(root=root, junit=[old, new, other])
+    t = cat.get("P56").tests
+    assert (t.state, t.cases, t.stale) == ("not run", [], ["tests/papers/test_p56_wide.py"])
+    assert cat.get("P56").status == "planned"
+
+
 def test_verify_runs_the_claim_tests_and_prints_each(tmp_path):
+    cat = Catalog(junit=[])
+    with pytest.raises(formers.FormersError) as err:
+        verify(cat, ["P01", "P02"], out=print, junit_dir=tmp_path)
+    assert "no claim tests for P01, P02; papers that have them: " in str(err.value) and "P56" in str(err.value)
+    (tmp_path / "bare" / "tests" / "papers").mkdir(parents=True)  # a checkout without claim tests
+    with pytest.raises(formers.FormersError, match="no paper has claim tests"):
+        verify(Catalog(root=tmp_path / "bare", junit=[]), [], everything=True, junit_dir=tmp_path)
     lines = []
-    rc = verify(Catalog(junit=[]), ["P56"], out=lines.append, junit_dir=tmp_path)
+    rc = verify(cat, ["P01", "P56"], out=lines.append, junit_dir=tmp_path)
     text = "\n".join(lines)
+    assert lines[0].startswith("no claim tests for P01 (papers that have them: ") and "P56" in lines[0], lines[0]
     per_test = [ln for ln in lines if re.match(r"  (pass|FAIL|ERROR|skip) +tests/papers/test_p56_", ln)]
     assert per_test and rc == (1 if any("FAIL" in ln or "ERROR" in ln for ln in per_test) else 0), text
     junit = tmp_path / "verify-P56.xml"

@@ -11,6 +11,7 @@ Nothing about a paper's state is typed by hand. `Catalog()` derives, for every e
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import math
@@ -18,12 +19,10 @@ import operator
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-import yaml
-
+from formers.config import load_yaml
 from formers.registry import FormersError
 
 HERE = Path(__file__).resolve().parent
@@ -81,6 +80,7 @@ class TestCase:
     seconds: float = 0.0
     message: str = ""
     source: str = ""  # the junit file it came from
+    mtime: float = 0.0  # that file's modification time
 
     @property
     def file(self) -> str:
@@ -123,8 +123,7 @@ class Result:
         return self.spec.get("target")
 
     def text(self) -> str:
-        if self.value is None:
-            return f"{self.spec.get('fmt', '{}').split('}', 1)[-1].strip()}: {self.note}"
+        """The measured value, formatted (callers show `note` instead when there is no value)."""
         return _fmt(self.spec.get("fmt", "{:.4g}"), self.value)
 
     def target_text(self) -> str:
@@ -198,48 +197,48 @@ class Paper:
 
 # ---------------------------------------------------------------------------------------------------- usage
 
+class Slot(NamedTuple):
+    """Where a family's component goes in a model config, and how a usage snippet calls one on its own."""
+
+    path: str  # dotted, under `model:` (a recipe override is `model.<path>=<name>`)
+    build: str | None = None  # options of a standalone `formers.build(family, name, ...)`; None: no standalone call
+    sample: str = ""  # the shape of that call's input
+    extra: tuple[tuple[str, Any], ...] = ()  # what the model config needs next to the name (`act` lives in an ffn)
+
+
+# The one family -> slot table: usage snippets, recipe overrides (render._override) and the components a recipe
+# names (_recipe_refs) all read it.
+_SLOT: dict[str, Slot] = {
+    "mixer": Slot("block.mixer.name", "dim=64, heads=4", "2, 128, 64", (("heads", 4),)),
+    "ffn": Slot("block.ffn.name", "dim=64", "2, 16, 64"),
+    "act": Slot("block.ffn.act", "", "4, 8", (("name", "mlp"),)),
+    "norm": Slot("block.norm", "dim=64", "2, 16, 64"),
+    "placement": Slot("block.placement"),
+    "residual": Slot("block.residual"),
+    "stack": Slot("stack"),
+    "position": Slot("position"),
+}
+# the config key that names a family's component: `mixer: {name: sla}`, `act: squared_relu`, `stack: looped`
+_SLOT_KEY = {[k for k in s.path.split(".") if k != "name"][-1]: fam for fam, s in _SLOT.items()}
+
+
+def _slot_config(family: str, name: str) -> dict[str, Any]:
+    """The model options that put component `name` in its slot: ("act", "x") -> {"block": {"ffn": {"name": "mlp",
+    "act": "x"}}}."""
+    slot = _SLOT[family]
+    *outer, leaf = slot.path.split(".")
+    node: dict[str, Any] = dict(sorted({**dict(slot.extra), leaf: name}.items(), key=lambda kv: kv[0] != "name"))
+    for key in reversed(outer):
+        node = {key: node}
+    return node
+
+
 def default_usage(c: Component | None) -> str:
     """A small runnable snippet for a component, by family (entries may give their own `usage:`)."""
     if c is None:
         return ""
-    from formers.registry import get
-
-    e = get(c.family, c.name)
     head = "import torch\nimport formers\n\n"
     n = c.name
-    if c.family == "mixer":
-        causal = bool(e.causal_ok)
-        extra = ", max_len=128" if e.max_len else ""
-        model = "lm" if causal else "encoder"
-        cls = "" if causal else ", num_classes=2"
-        return (head + f'attn = formers.build("mixer", "{n}", dim=64, heads=4, causal={causal}{extra})\n'
-                f"y = attn(torch.randn(2, 128, 64))                 # (B, N, D) -> (B, N, D)\n"
-                f'model = formers.create_model("{model}", vocab=256, dim=64, depth=2, max_len=128{cls},\n'
-                f'                             block={{"mixer": {{"name": "{n}", "heads": 4}}}})\n'
-                f"out = model(torch.randint(0, 256, (2, 128)))")
-    if c.family == "ffn":
-        return (head + f'ffn = formers.build("ffn", "{n}", dim=64)\n'
-                f"y = ffn(torch.randn(2, 16, 64))                   # (B, N, D) -> (B, N, D)\n"
-                f'model = formers.create_model("lm", vocab=256, dim=64, depth=2, block={{"ffn": {{"name": "{n}"}}}})\n'
-                f"logits = model(torch.randint(0, 256, (2, 32)))")
-    if c.family == "act":
-        return (head + f'act = formers.build("act", "{n}")\n'
-                f"y = act(torch.randn(4, 8))\n"
-                f'model = formers.create_model("lm", vocab=256, dim=64, depth=2,\n'
-                f'                             block={{"ffn": {{"name": "mlp", "act": "{n}"}}}})\n'
-                f"logits = model(torch.randint(0, 256, (2, 32)))")
-    if c.family == "norm":
-        return (head + f'norm = formers.build("norm", "{n}", dim=64)\n'
-                f"y = norm(torch.randn(2, 16, 64))\n"
-                f'model = formers.create_model("lm", vocab=256, dim=64, depth=2, block={{"norm": "{n}"}})\n'
-                f"logits = model(torch.randint(0, 256, (2, 32)))")
-    if c.family in ("placement", "residual"):
-        return (head + f'model = formers.create_model("lm", vocab=256, dim=64, depth=4,\n'
-                f'                             block={{"{c.family}": "{n}"}})\n'
-                f"logits = model(torch.randint(0, 256, (2, 32)))")
-    if c.family == "stack":
-        return (head + f'model = formers.create_model("lm", vocab=256, dim=64, depth=4, stack="{n}")\n'
-                f"logits = model(torch.randint(0, 256, (2, 32)))")
     if c.family == "model":
         if "tiny" in n:  # the 28x28 variants of the vision benchmark
             return (head + f'model = formers.create_model("{n}")\n'
@@ -247,19 +246,43 @@ def default_usage(c: Component | None) -> str:
                     f"# formers train vit/vit_tiny_fmnist model.name={n}")
         return (head + f'model = formers.create_model("{n}")\n'
                 f"print(model.num_params())")
-    return ""
+    slot = _SLOT.get(c.family)
+    if slot is None:
+        return ""
+    model, opts, build, lines = "lm", "", slot.build, []
+    if c.family == "mixer":  # a bidirectional-only mixer goes in an encoder; some take a max_len
+        from formers.registry import get
+
+        e = get(c.family, n)
+        build += f", causal={bool(e.causal_ok)}" + (", max_len=128" if e.max_len else "")
+        if not e.causal_ok:
+            model, opts = "encoder", ", num_classes=2"
+    if build is not None:
+        var = "attn" if c.family == "mixer" else c.family
+        shape = "# (B, N, D) -> (B, N, D)" if slot.sample.count(",") == 2 else "# elementwise: same shape"
+        lines += [f'{var} = formers.build("{c.family}", "{n}"{", " + build if build else ""})',
+                  f"y = {var}(torch.randn({slot.sample}))".ljust(52) + shape]
+    kw = ", ".join(f"{k}={json.dumps(v)}" for k, v in _slot_config(c.family, n).items())
+    lines += [f'model = formers.create_model("{model}", vocab=256, dim=64, depth=2, max_len=128{opts},',
+              f"                             {kw})",
+              "logits = model(torch.randint(0, 256, (2, 128)))"]
+    return head + "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------- junit
 
-def read_junit(paths: list[Path]) -> dict[str, TestCase]:
-    """Test results by node id from junit XML files; a later file (by mtime) overrides an earlier one."""
-    out: dict[str, TestCase] = {}
-    for path in sorted((Path(p) for p in paths if Path(p).exists()), key=lambda p: p.stat().st_mtime):
+def read_junit(paths: list[str | Path]) -> dict[str, list[TestCase]]:
+    """Test results from junit XML files, by test file (`tests/papers/test_p06_sla.py`): each test file keeps only
+    the cases of the newest junit file (by mtime; on a tie the later in `paths`) that has results for it, so a test
+    renamed or deleted since an older run leaves no stale result behind."""
+    newest: dict[str, tuple[float, int, dict[str, TestCase]]] = {}  # test file -> (mtime, order, cases by node id)
+    for order, path in enumerate(Path(p) for p in paths):
         try:
+            mtime = path.stat().st_mtime
             root = ET.parse(path).getroot()
-        except ET.ParseError:
+        except (OSError, ET.ParseError):
             continue
+        found: dict[str, dict[str, TestCase]] = {}
         for tc in root.iter("testcase"):
             parts = tc.get("classname", "").split(".")
             mods = [i for i, p in enumerate(parts) if p.startswith("test_")]
@@ -275,24 +298,26 @@ def read_junit(paths: list[Path]) -> dict[str, TestCase]:
                     message = (el.get("message") or el.text or "").strip().splitlines()[0:1]
                     message = message[0] if message else ""
                     break
-            out[nodeid] = TestCase(nodeid, outcome, float(tc.get("time") or 0.0), message, str(path))
-    return out
+            case = TestCase(nodeid, outcome, float(tc.get("time") or 0.0), message, str(path), mtime)
+            found.setdefault(case.file, {})[nodeid] = case
+        for f, cases in found.items():
+            if f not in newest or (mtime, order) >= newest[f][:2]:
+                newest[f] = (mtime, order, cases)
+    return {f: list(cases.values()) for f, (_, _, cases) in newest.items()}
 
 
-def claim_state(files: list[str], junit: dict[str, TestCase], root: Path,
-                mtimes: dict[str, float] | None = None) -> ClaimTests:
-    """passed: every file has results, none failed, at least one passed; failed: any failure or error."""
+def claim_state(files: list[str], junit: dict[str, list[TestCase]], root: Path) -> ClaimTests:
+    """passed: every file has results, none failed, at least one passed; failed: any failure or error.
+    `junit` is read_junit's answer; a test file edited after its newest result counts as not run (stale)."""
     if not files:
         return ClaimTests([], [], "none")
     cases, stale, missing = [], [], False
     for f in files:
-        mine = [c for c in junit.values() if c.file == f]
+        mine = junit.get(f, [])
         path = root / f
-        if mine and path.exists():
-            newest = max(Path(c.source).stat().st_mtime for c in mine)
-            if path.stat().st_mtime > newest + 1:  # the test file changed after this result
-                stale.append(f)
-                mine = []
+        if mine and path.exists() and path.stat().st_mtime > mine[0].mtime + 1:  # changed after this result
+            stale.append(f)
+            mine = []
         if not mine:
             missing = True
         cases += mine
@@ -319,19 +344,22 @@ def _pick(rows: list[dict[str, Any]], where: dict[str, Any], key: str) -> float 
     return v if math.isfinite(v) else None
 
 
-def measure(spec: dict[str, Any], results_dir: Path, cache: dict[str, Any]) -> Result:
+def measure(spec: dict[str, Any], results_dir: Path, cache: dict[Path, list[dict[str, Any]] | None]) -> Result:
+    """One `results:` item against its file ({"meta", "rows"}, as formers.bench writes it); `cache` holds the rows
+    read so far by path (None: no readable file)."""
+    from formers.bench.harness import load_rows
+
     r = Result(spec)
     path = results_dir / spec["file"]
-    if str(path) not in cache:
+    if path not in cache:
         try:
-            cache[str(path)] = json.loads(path.read_text()) if path.exists() else None
-        except (OSError, json.JSONDecodeError):
-            cache[str(path)] = None
-    data = cache[str(path)]
-    if data is None:
+            cache[path] = load_rows(path) if path.exists() else None
+        except (OSError, ValueError):  # unreadable or not JSON
+            cache[path] = None
+    rows = cache[path]
+    if rows is None:
         r.note = "no result file yet"
         return r
-    rows = data.get("rows", []) if isinstance(data, dict) else data
     r.value = _pick(rows, spec.get("where", {}), spec["key"])
     if r.value is None:
         r.note = "no matching row yet"
@@ -373,23 +401,24 @@ def derive_status(implemented: bool, tests: ClaimTests, results: list[Result],
 # ---------------------------------------------------------------------------------------------------- catalog
 
 def components_by_paper() -> dict[str, list[Component]]:
+    """Registered components by paper id (`baseline` for the standard ones); each names one paper."""
     from formers.registry import entries
 
     out: dict[str, list[Component]] = {}
     for e in entries():
-        for pid in re.split(r"[,\s]+", e.paper.strip()):
-            out.setdefault(pid, []).append(Component(e.family, e.name, e.paper, e.doc))
+        out.setdefault(e.paper, []).append(Component(e.family, e.name, e.paper, e.doc))
     return out
 
 
 def _recipe_refs(cfg: Any, family: str | None = None) -> list[tuple[str, str]]:
-    """(family, name) pairs a recipe names: model.name, task.name, block mixer/ffn/act/norm/... specs."""
+    """(family, name) pairs a config section names: its own `name` (as `family`), and every slot of _SLOT
+    (block mixer/ffn/act/norm/..., stack, position), as a bare name or a mapping with a name, at any depth."""
     refs = []
     if isinstance(cfg, dict):
         if family and isinstance(cfg.get("name"), str):
             refs.append((family, cfg["name"]))
         for k, v in cfg.items():
-            fam = k if k in ("mixer", "ffn", "act", "norm", "placement", "residual", "stack", "position") else None
+            fam = _SLOT_KEY.get(k)
             if fam and isinstance(v, str):
                 refs.append((fam, v))
             elif isinstance(v, (dict, list)):
@@ -401,19 +430,14 @@ def _recipe_refs(cfg: Any, family: str | None = None) -> list[tuple[str, str]]:
 
 
 def recipes_by_paper() -> dict[str, list[str]]:
-    from formers.config import builtin_recipes
+    """Built-in recipe names by the paper id of each component they name (model, task, block slots)."""
+    from formers.config import builtin_recipes, load_recipe
     from formers.registry import get
 
     out: dict[str, list[str]] = {}
     for name in builtin_recipes():
-        *folders, stem = name.split("/")
-        cfg = yaml.safe_load((resources.files("formers") / "recipes").joinpath(*folders, f"{stem}.yaml").read_text())
-        cfg = cfg or {}
-        refs = _recipe_refs({"model": cfg.get("model"), "task": cfg.get("task")})
-        refs += [("model", cfg["model"]["name"])] if isinstance(cfg.get("model"), dict) and "name" in cfg["model"] \
-            else []
-        refs += [("task", cfg["task"]["name"])] if isinstance(cfg.get("task"), dict) and "name" in cfg["task"] else []
-        for fam, comp in set(refs):
+        cfg = load_recipe(name)
+        for fam, comp in sorted(set(_recipe_refs(cfg["model"], "model") + _recipe_refs(cfg["task"], "task"))):
             try:
                 pid = get(fam, comp).paper
             except FormersError:
@@ -423,14 +447,19 @@ def recipes_by_paper() -> dict[str, list[str]]:
     return out
 
 
+@functools.cache
+def _cli_commands() -> frozenset[str]:
+    from formers.cli import make_parser
+
+    sub = next(a for a in make_parser()._actions if a.dest == "cmd")
+    return frozenset(sub.choices)
+
+
 def resolve_api(item: str) -> bool:
     """'module:attr' exists, or 'cli: formers CMD' is a sub-command of the CLI."""
     if item.startswith("cli:"):
         words = item[4:].split()
-        from formers.cli import make_parser
-
-        sub = next(a for a in make_parser()._actions if a.dest == "cmd")
-        return len(words) >= 2 and words[1] in sub.choices
+        return len(words) >= 2 and words[0] == "formers" and words[1] in _cli_commands()
     mod, _, attr = item.partition(":")
     try:
         return hasattr(importlib.import_module(mod), attr) if attr else True
@@ -439,7 +468,7 @@ def resolve_api(item: str) -> bool:
 
 
 def load_data(path: Path = DATA) -> dict[str, dict[str, Any]]:
-    data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    data = load_yaml(path.read_text(encoding="utf-8"))
     if not isinstance(data, dict):
         raise FormersError(f"{path}: expected a mapping of paper ids to entries")
     return data
@@ -461,9 +490,10 @@ class Catalog:
         data = load_data()
         abstracts = read_abstracts()
         comps = components_by_paper()
+        by_ref = {c.ref: c for cs in comps.values() for c in cs}
         recipes = recipes_by_paper()
         junit_cases = read_junit(self.junit_paths)
-        cache: dict[str, Any] = {}
+        cache: dict[Path, Any] = {}
         self.papers: dict[str, Paper] = {}
         for pid, d in data.items():
             title, abstract = abstracts.get(pid, (d.get("title", ""), ""))
@@ -475,17 +505,16 @@ class Catalog:
                 f"test_{pid.lower()}_*.py")} | set(d.get("tests", [])))
             p.tests = claim_state(files, junit_cases, self.root)
             p.results = [measure(s, self.results_dir, cache) for s in d.get("results", [])]
-            p.covers = [self._cover(c, comps) for c in d.get("covers", [])]
+            p.covers = [self._cover(c, by_ref) for c in d.get("covers", [])]
             note = ()
             if p.covers:
                 have = sum(bool(c["components"]) for c in p.covers)
                 note = (f"a survey: {have} of {len(p.covers)} techniques it covers have formers components",)
             p.status, p.reasons = derive_status(p.implemented, p.tests, p.results, note)
             self.papers[pid] = p
-        self.junit_cases = junit_cases
 
-    def _cover(self, item: dict[str, Any], comps: dict[str, list[Component]]) -> dict[str, Any]:
-        by_ref = {c.ref: c for cs in comps.values() for c in cs}
+    @staticmethod
+    def _cover(item: dict[str, Any], by_ref: dict[str, Component]) -> dict[str, Any]:
         found = [by_ref[u] for u in item.get("uses", []) if u in by_ref]
         return {"technique": item["technique"], "components": found, "papers": list(item.get("papers", [])),
                 "missing": [u for u in item.get("uses", []) if u not in by_ref]}

@@ -14,12 +14,14 @@ from formers.registry import FormersError
 
 def add_parser(sub) -> None:
     p = sub.add_parser("papers", help="the 81 papers: table, show, verify claim tests, search, web page, docs")
-    p.set_defaults(fn=main, action="list")
+    p.set_defaults(fn=main)
     acts = p.add_subparsers(dest="action")
     ls = acts.add_parser("list", help="table of all papers with derived status (the default)")
-    for q in (p, ls):
-        q.add_argument("--category", default=None, help=f"one of: {', '.join(CATEGORIES)}")
-        q.add_argument("--status", default=None, choices=STATUSES)
+    # on both, so that `papers --status planned` and `papers list --status planned` work; the list copy has no
+    # default of its own, else an absent `list --status` would overwrite `papers --status planned list`
+    for q, default in ((p, None), (ls, argparse.SUPPRESS)):
+        q.add_argument("--category", default=default, help=f"one of: {', '.join(CATEGORIES)}")
+        q.add_argument("--status", default=default, choices=STATUSES)
     s = acts.add_parser("show", help="one paper: components, equation, usage, claim tests, results")
     s.add_argument("paper", help="P06, 6 or a short name such as SLAB")
     v = acts.add_parser("verify", help="run a paper's claim tests now (pytest) and print pass/fail per test")
@@ -37,10 +39,10 @@ def add_parser(sub) -> None:
 def main(a: argparse.Namespace) -> int:
     from formers.papers import render
 
-    action = a.action or "list"
-    if action == "verify":
-        return verify(Catalog(), a.papers, everything=a.all)
+    action = a.action or "list"  # `formers papers` alone lists
     cat = Catalog()
+    if action == "verify":
+        return verify(cat, a.papers, everything=a.all)
     if action == "list":
         print(render.table(cat.select(a.category, a.status), cat.counts()))
     elif action == "show":
@@ -76,10 +78,15 @@ def verify(cat: Catalog, ids: list[str], everything: bool = False, out=print,
     if everything == bool(ids):
         raise FormersError("formers papers verify: name the papers (e.g. P06 P54) or pass --all, one of the two")
     papers: list[Paper] = list(cat) if everything else [cat.get(i) for i in ids]
+    without = [] if everything else [p.id for p in papers if not p.tests.files]  # named, but nothing to run
     papers = [p for p in papers if p.tests.files]
+    have = ", ".join(p.id for p in cat if p.tests.files) or "none"
+    if not papers and everything:
+        raise FormersError(f"no paper has claim tests (tests/papers/test_pNN_*.py under {cat.root})")
     if not papers:
-        raise FormersError(f"no claim tests for {', '.join(ids)}: `formers papers --status verified` lists papers "
-                           "that have them")
+        raise FormersError(f"no claim tests for {', '.join(without)}; papers that have them: {have}")
+    if without:
+        out(f"no claim tests for {', '.join(without)} (papers that have them: {have}); running the others")
     files = sorted({f for p in papers for f in p.tests.files})
     junit_dir = Path(junit_dir) if junit_dir else cat.root / ".junit"
     junit_dir.mkdir(parents=True, exist_ok=True)
@@ -96,7 +103,7 @@ def verify(cat: Catalog, ids: list[str], everything: bool = False, out=print,
     for p in papers:
         out(f"\n{p.id} {p.title}")
         for f in p.tests.files:
-            for c in sorted((c for c in cases.values() if c.file == f), key=lambda c: c.nodeid):
+            for c in sorted(cases.get(f, []), key=lambda c: c.nodeid):
                 word = {"passed": "pass", "failed": "FAIL", "error": "ERROR", "skipped": "skip"}[c.outcome]
                 out(f"  {word:<5} {c.nodeid}  ({c.seconds:.2f} s)")
                 if c.outcome in ("failed", "error"):

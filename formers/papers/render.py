@@ -9,7 +9,7 @@ import json
 import textwrap
 from pathlib import Path
 
-from formers.papers.catalog import CATEGORIES, STATUSES, Catalog, Paper
+from formers.papers.catalog import _SLOT, CATEGORIES, STATUSES, Catalog, Paper
 
 
 def _clip(text: str, width: int) -> str:
@@ -110,12 +110,8 @@ def show(p: Paper, catalog: Catalog) -> str:
 def _override(p: Paper) -> str:
     """A recipe override that puts the paper's main component into the demo LM, where one applies."""
     c = p.main_component()
-    if c is None:
-        return ""
-    key = {"mixer": "model.block.mixer.name", "ffn": "model.block.ffn.name", "act": "model.block.ffn.act",
-           "norm": "model.block.norm", "placement": "model.block.placement", "residual": "model.block.residual",
-           "stack": "model.stack"}.get(c.family)
-    return f"{key}={c.name}" if key else ""
+    slot = _SLOT.get(c.family) if c else None
+    return f"model.{slot.path}={c.name}" if slot else ""
 
 
 # ---------------------------------------------------------------------------------------------------- markdown
