@@ -9,7 +9,8 @@ Components:
 - `InformerAttention`: a registered token mixer (ProbSparse `probsparse` or full `softmax`) with the official
   output projection and the decoder's `mix` option.
 - `DistilLayer`: Conv1d(k3, circular) -> BatchNorm1d -> ELU -> MaxPool1d(3, 2, 1); L -> ceil(L / 2).
-- `EncoderLayer`, `DecoderLayer`: post-norm layers with a position-wise (1x1 conv) GELU feed-forward.
+- `EncoderLayer`, `DecoderLayer`: post-norm layers with a position-wise (1x1 conv) GELU feed-forward, the
+  `ffn` `mlp` with hidden_dropout (a 1x1 conv is a Linear per time step).
 - models `informer`, `informer_full` (Informer-dagger: full attention everywhere), `informer_stack`
   (InformerStack: encoders with s_layers "3,2,1" layers over the last L, L/2, L/4 inputs, outputs concatenated);
   baselines `repeat_last` and `dlinear`.
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from formers.nn.ffn import MLP
 from formers.nn.position import SinusoidalPosition
 from formers.registry import FormersError, build, register
 
@@ -53,8 +55,16 @@ def _check_inputs(model: nn.Module, x_enc, x_mark_enc, x_dec, x_mark_dec, enc_in
 # ------------------------------------------------------------------------------------------------ building blocks
 
 
+def _run(owner: nn.Module, layer: nn.Module, *args: torch.Tensor) -> torch.Tensor:
+    """layer(*args), through activation checkpointing when `owner.grad_checkpointing` is on, `owner` is training
+    and autograd records (the pattern of blocks.Stack.run and VisionModel.run)."""
+    if owner.grad_checkpointing and owner.training and torch.is_grad_enabled():
+        return checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
 class DataEmbedding(nn.Module):
-    """Informer's input embedding (embed.py DataEmbedding with embed='timeF'):
+    """P73 Informer (Zhou et al. 2021) input embedding (embed.py DataEmbedding with embed='timeF'):
 
         e_t = Conv1d_k3,circular(x)_t + PE_t + W_mark mark_t + b,   then dropout.
 
@@ -110,10 +120,12 @@ class InformerAttention(nn.Module):
 
 
 class DistilLayer(nn.Module):
-    """Self-attention distilling (encoder.py ConvLayer): X_{j+1} = MaxPool(ELU(BN(Conv1d_k3,circular(X_j)))).
+    """P73 Informer (Zhou et al. 2021) self-attention distilling (encoder.py ConvLayer):
 
-    MaxPool1d(kernel 3, stride 2, padding 1) halves the length: L -> ceil(L / 2) (96 -> 48). (B, L, D) ->
-    (B, ceil(L/2), D)."""
+        X_{j+1} = MaxPool_3,2,1(ELU(BatchNorm(Conv1d_k3,circular(X_j))))
+
+    The conv pads 1 step circularly (the official choice on torch >= 1.5); MaxPool1d(kernel 3, stride 2,
+    padding 1) halves the length: L -> ceil(L / 2) (96 -> 48). (B, L, D) -> (B, ceil(L/2), D)."""
 
     def __init__(self, d_model: int):
         super().__init__()
@@ -126,29 +138,23 @@ class DistilLayer(nn.Module):
         return y.transpose(1, 2)
 
 
-class _FeedForward(nn.Module):
-    """The official pair of Conv1d(kernel 1) layers, written as nn.Linear (the same map per time step, the same
-    default initialisation: fan_in = channels x 1): dropout(W2 dropout(act(W1 x)))."""
+def _feed_forward(d_model: int, d_ff: int, dropout: float, activation: str) -> MLP:
+    """P73 Informer (Zhou et al. 2021) feed-forward: the official pair of Conv1d(kernel 1) layers as the `mlp` ffn
+    (nn.Linear: the same map per time step and the same default initialisation, fan_in = channels x 1):
 
-    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str):
-        super().__init__()
-        if activation not in ("gelu", "relu"):
-            raise FormersError(f"model.activation: must be 'gelu' or 'relu', got {activation!r}")
-        self.ff1, self.ff2 = nn.Linear(d_model, d_ff), nn.Linear(d_ff, d_model)
-        self.act = F.gelu if activation == "gelu" else F.relu
-        self.drop = nn.Dropout(dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.ff2(self.drop(self.act(self.ff1(x)))))
+        FFN(x) = drop(W2 drop(act(W1 x + b1)) + b2)"""
+    return MLP(d_model, hidden=d_ff, act=activation, dropout=dropout, hidden_dropout=dropout)
 
 
 class EncoderLayer(nn.Module):
-    """Post-norm encoder layer (encoder.py EncoderLayer): x = LN(x + drop(Attn(x))); LN(x + FFN(x))."""
+    """P73 Informer (Zhou et al. 2021) post-norm encoder layer (encoder.py EncoderLayer):
+
+        x' = LN(x + drop(Attn(x))),   y = LN(x' + FFN(x'))"""
 
     def __init__(self, d_model: int, d_ff: int, attention: InformerAttention, dropout: float, activation: str):
         super().__init__()
         self.attn = attention
-        self.ffn = _FeedForward(d_model, d_ff, dropout, activation)
+        self.ffn = _feed_forward(d_model, d_ff, dropout, activation)
         self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
 
@@ -158,14 +164,16 @@ class EncoderLayer(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Post-norm decoder layer (decoder.py DecoderLayer): masked self-attention, full cross-attention to the
-    encoder output (the mixer's `context`), FFN; each followed by add & LayerNorm."""
+    """P73 Informer (Zhou et al. 2021) post-norm decoder layer (decoder.py DecoderLayer): masked self-attention,
+    full cross-attention to the encoder output m (the mixer's `context`), FFN; each followed by add & LayerNorm:
+
+        x' = LN(x + drop(SelfAttn_causal(x))),   x'' = LN(x' + drop(CrossAttn(x', m))),   y = LN(x'' + FFN(x''))"""
 
     def __init__(self, d_model: int, d_ff: int, self_attention: InformerAttention,
                  cross_attention: InformerAttention, dropout: float, activation: str):
         super().__init__()
         self.self_attn, self.cross_attn = self_attention, cross_attention
-        self.ffn = _FeedForward(d_model, d_ff, dropout, activation)
+        self.ffn = _feed_forward(d_model, d_ff, dropout, activation)
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
         self.drop = nn.Dropout(dropout)
 
@@ -176,8 +184,12 @@ class DecoderLayer(nn.Module):
 
 
 class Encoder(nn.Module):
-    """Encoder layers with a distilling layer between consecutive ones (none after the last), final LayerNorm.
-    (B, L, D) -> (B, ceil(L / 2^(layers-1)), D) with distilling."""
+    """P73 Informer (Zhou et al. 2021) encoder (encoder.py Encoder): layers with a distilling layer between
+    consecutive ones (none after the last), then a LayerNorm:
+
+        Enc(x) = LN(Layer_n(Distil_{n-1}(... Distil_1(Layer_1(x)))))
+
+    (B, L, D) -> (B, ceil(L / 2^(layers-1)), D) with distilling, (B, L, D) without."""
 
     def __init__(self, layers: list[EncoderLayer], distils: list[DistilLayer], d_model: int):
         super().__init__()
@@ -187,7 +199,7 @@ class Encoder(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for i, layer in enumerate(self.layers):
-            x = checkpoint(layer, x, use_reentrant=False) if self.grad_checkpointing and self.training else layer(x)
+            x = _run(self, layer, x)
             if i < len(self.distils):
                 x = self.distils[i](x)
         return self.norm(x)
@@ -196,34 +208,15 @@ class Encoder(nn.Module):
 # ------------------------------------------------------------------------------------------------------ Informer
 
 
-@register("model", "informer", paper="P73")
-class Informer(nn.Module):
-    """Informer (P73): ProbSparse self-attention encoder with distilling, generative-style decoder.
+class _InformerNet(nn.Module):
+    """The network of `informer`, `informer_full` and `informer_stack` (P73 Informer, Zhou et al. 2021): one
+    distilling encoder per entry of `stack` (its layer count), a decoder, a projection. Keyword-only: the models
+    below give their own signatures and defaults."""
 
-        enc = Encoder(Embed(x_enc, mark_enc))               # e_layers, distilling halves L between layers
-        dec = Decoder(Embed(x_dec, mark_dec), enc)           # masked ProbSparse self-attn (mix), full cross-attn
-        y   = Linear(dec)[:, -pred_len:]                     # one forward pass, no autoregression
-
-    Defaults are main_informer.py's: d_model 512, 8 heads, e_layers 2, d_layers 1, d_ff 2048, dropout 0.05,
-    factor 5 (ETTh1's multivariate horizon-24 script uses 3), GELU, distil and mix on, embed 'timeF'.
-    Shapes: see the module docstring; output (B, pred_len, c_out). Options filled in by the `forecast` task:
-    enc_in, dec_in, c_out, pred_len, mark_dim (4 hourly time features).
-    `attn`: 'prob' (ProbSparse in both self-attentions) or 'full'. `sample_seed`: None draws ProbSparse's key
-    sample from the global RNG on every call (official; reproducible under the trainer's seed), an int fixes it.
-    UNCERTAIN / ours: no biases in the attention q, k, v projections (the mixers' contract); the 'fixed' and
-    'learned' calendar embeddings of embed.py are not provided (the official scripts use timeF).
-    """
-
-    def __init__(self, enc_in: int = 7, dec_in: int = 7, c_out: int = 7, pred_len: int = 24, mark_dim: int = 4,
-                 d_model: int = 512, heads: int = 8, e_layers: int = 2, d_layers: int = 1, d_ff: int = 2048,
-                 factor: int = 5, dropout: float = 0.05, attn: Literal["prob", "full"] = "prob", distil: bool = True,
-                 mix: bool = True, activation: Literal["gelu", "relu"] = "gelu", sample_seed: int | None = None):
+    def __init__(self, *, stack: list[int], enc_in: int, dec_in: int, c_out: int, pred_len: int, mark_dim: int,
+                 d_model: int, heads: int, d_layers: int, d_ff: int, factor: int, dropout: float, attn: str,
+                 distil: bool, mix: bool, activation: str, sample_seed: int | None):
         super().__init__()
-        self._build([e_layers], enc_in, dec_in, c_out, pred_len, mark_dim, d_model, heads, d_layers, d_ff, factor,
-                    dropout, attn, distil, mix, activation, sample_seed)
-
-    def _build(self, stack: list[int], enc_in, dec_in, c_out, pred_len, mark_dim, d_model, heads, d_layers, d_ff,
-               factor, dropout, attn, distil, mix, activation, sample_seed) -> None:
         for k, v in {"enc_in": enc_in, "dec_in": dec_in, "c_out": c_out, "pred_len": pred_len, "mark_dim": mark_dim,
                      "d_model": d_model, "heads": heads, "d_layers": d_layers, "d_ff": d_ff}.items():
             if v < 1:
@@ -233,7 +226,6 @@ class Informer(nn.Module):
         if d_model % heads:
             raise FormersError(f"model: d_model={d_model} is not divisible by heads={heads}")
         self.enc_in, self.dec_in, self.c_out, self.pred_len, self.mark_dim = enc_in, dec_in, c_out, pred_len, mark_dim
-        self.attn, self.stack_layers = attn, list(stack)
 
         def attention(causal: bool, kind: str = attn, mixed: bool = False) -> InformerAttention:
             return InformerAttention(d_model, heads, kind, causal, factor, dropout, mixed, sample_seed)
@@ -283,12 +275,39 @@ class Informer(nn.Module):
         memory = self.encode(x_enc, x_mark_enc)
         y = self.dec_embedding(x_dec, x_mark_dec)
         for layer in self.decoder:
-            if self.grad_checkpointing and self.training:
-                y = checkpoint(layer, y, memory, use_reentrant=False)
-            else:
-                y = layer(y, memory)
+            y = _run(self, layer, y, memory)
         y = self.projection(self.decoder_norm(y))  # (B, label_len + pred_len, c_out)
         return y[:, -self.pred_len:]
+
+
+@register("model", "informer", paper="P73")
+class Informer(_InformerNet):
+    """Informer (P73): ProbSparse self-attention encoder with distilling, generative-style decoder.
+
+        enc = Encoder(Embed(x_enc, mark_enc))               # e_layers, distilling halves L between layers
+        dec = Decoder(Embed(x_dec, mark_dec), enc)           # masked ProbSparse self-attn (mix), full cross-attn
+        y   = Linear(LN(dec))[:, -pred_len:]                 # one forward pass, no autoregression
+
+    Defaults are main_informer.py's: d_model 512, 8 heads, e_layers 2, d_layers 1, d_ff 2048, dropout 0.05,
+    factor 5 (ETTh1's multivariate horizon-24 script uses 3), GELU, distil and mix on, embed 'timeF'.
+    Shapes: see the module docstring; output (B, pred_len, c_out). Options filled in by the `forecast` task:
+    enc_in, dec_in, c_out, pred_len, mark_dim (4 hourly time features).
+    `attn`: 'prob' (ProbSparse in both self-attentions) or 'full'. `activation`: any registered `act` (the
+    official code offers gelu and relu). `sample_seed`: None draws ProbSparse's key sample from the global RNG on
+    every call (official; reproducible under the trainer's seed, and the `forecast` task scores under a fixed
+    seed), an int fixes it.
+    UNCERTAIN / ours: no biases in the attention q, k, v projections (the mixers' contract); the 'fixed' and
+    'learned' calendar embeddings of embed.py are not provided (the official scripts use timeF).
+    """
+
+    def __init__(self, enc_in: int = 7, dec_in: int = 7, c_out: int = 7, pred_len: int = 24, mark_dim: int = 4,
+                 d_model: int = 512, heads: int = 8, e_layers: int = 2, d_layers: int = 1, d_ff: int = 2048,
+                 factor: int = 5, dropout: float = 0.05, attn: Literal["prob", "full"] = "prob", distil: bool = True,
+                 mix: bool = True, activation: str = "gelu", sample_seed: int | None = None):
+        super().__init__(stack=[e_layers], enc_in=enc_in, dec_in=dec_in, c_out=c_out, pred_len=pred_len,
+                         mark_dim=mark_dim, d_model=d_model, heads=heads, d_layers=d_layers, d_ff=d_ff, factor=factor,
+                         dropout=dropout, attn=attn, distil=distil, mix=mix, activation=activation,
+                         sample_seed=sample_seed)
 
 
 @register("model", "informer_full", paper="P73")
@@ -299,14 +318,14 @@ class InformerFull(Informer):
 
     def __init__(self, enc_in: int = 7, dec_in: int = 7, c_out: int = 7, pred_len: int = 24, mark_dim: int = 4,
                  d_model: int = 512, heads: int = 8, e_layers: int = 2, d_layers: int = 1, d_ff: int = 2048,
-                 dropout: float = 0.05, distil: bool = True, mix: bool = True,
-                 activation: Literal["gelu", "relu"] = "gelu"):
-        super().__init__(enc_in, dec_in, c_out, pred_len, mark_dim, d_model, heads, e_layers, d_layers, d_ff,
-                         factor=5, dropout=dropout, attn="full", distil=distil, mix=mix, activation=activation)
+                 dropout: float = 0.05, distil: bool = True, mix: bool = True, activation: str = "gelu"):
+        super().__init__(enc_in=enc_in, dec_in=dec_in, c_out=c_out, pred_len=pred_len, mark_dim=mark_dim,
+                         d_model=d_model, heads=heads, e_layers=e_layers, d_layers=d_layers, d_ff=d_ff, factor=5,
+                         dropout=dropout, attn="full", distil=distil, mix=mix, activation=activation)
 
 
 @register("model", "informer_stack", paper="P73")
-class InformerStack(Informer):
+class InformerStack(_InformerNet):
     """InformerStack (model.py; --model informerstack): one encoder per entry of `s_layers` ("3,2,1" by default),
     encoder i with s_layers[i] layers (and distilling) over the last L // 2^i input steps; their outputs are
     concatenated along time as the decoder's memory. Otherwise as `informer`."""
@@ -314,15 +333,15 @@ class InformerStack(Informer):
     def __init__(self, enc_in: int = 7, dec_in: int = 7, c_out: int = 7, pred_len: int = 24, mark_dim: int = 4,
                  d_model: int = 512, heads: int = 8, s_layers: str | list = "3,2,1", d_layers: int = 1,
                  d_ff: int = 2048, factor: int = 5, dropout: float = 0.05, attn: Literal["prob", "full"] = "prob",
-                 distil: bool = True, mix: bool = True, activation: Literal["gelu", "relu"] = "gelu",
-                 sample_seed: int | None = None):
-        nn.Module.__init__(self)
+                 distil: bool = True, mix: bool = True, activation: str = "gelu", sample_seed: int | None = None):
         try:
             stack = [int(s) for s in s_layers.split(",")] if isinstance(s_layers, str) else [int(s) for s in s_layers]
         except ValueError:
             raise FormersError(f"model.s_layers: expected layer counts such as '3,2,1', got {s_layers!r}") from None
-        self._build(stack, enc_in, dec_in, c_out, pred_len, mark_dim, d_model, heads, d_layers, d_ff, factor,
-                    dropout, attn, distil, mix, activation, sample_seed)
+        super().__init__(stack=stack, enc_in=enc_in, dec_in=dec_in, c_out=c_out, pred_len=pred_len,
+                         mark_dim=mark_dim, d_model=d_model, heads=heads, d_layers=d_layers, d_ff=d_ff, factor=factor,
+                         dropout=dropout, attn=attn, distil=distil, mix=mix, activation=activation,
+                         sample_seed=sample_seed)
 
 
 # ----------------------------------------------------------------------------------------------------- baselines

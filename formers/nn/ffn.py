@@ -14,20 +14,22 @@ from formers.registry import build, register
 class MLP(nn.Module):
     """Two-layer feed-forward (Vaswani et al.): y = W2 act(W1 x + b1) + b2, hidden = mult * dim.
 
-    Shapes (B, N, D) -> (B, N, D).
+    `dropout` acts on the output; `hidden_dropout` (default 0: none) also on the hidden activations,
+    y = drop(W2 drop_h(act(W1 x + b1)) + b2), as Informer's feed-forward (P73) does. Shapes (B, N, D) -> (B, N, D).
     """
 
     def __init__(self, dim: int, mult: float = 4.0, hidden: int | None = None, act: Any = "gelu",
-                 bias: bool = True, dropout: float = 0.0):
+                 bias: bool = True, dropout: float = 0.0, hidden_dropout: float = 0.0):
         super().__init__()
         hidden = hidden or int(mult * dim)
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
         self.act = build("act", act, path="ffn.act")
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
         self.drop = nn.Dropout(dropout)
+        self.hidden_drop = nn.Dropout(hidden_dropout) if hidden_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.act(self.fc1(x))))
+        return self.drop(self.fc2(self.hidden_drop(self.act(self.fc1(x)))))
 
 
 @register("ffn", "glu", paper="baseline")

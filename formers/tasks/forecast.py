@@ -27,13 +27,19 @@ Our choices where the official loop differs from this harness (say so in results
   loader shuffles each epoch without replacement. `benchmarks/informer_etth1.py` uses epoch permutations.
 - `evaluate` scores val and, when `eval_test` (default), test on every call, as the official loop prints both each
   epoch; early stopping reads `val_mse` (lower is better).
+- Scoring and `forecast_csv` predict under a fixed seed (0) for the global RNG streams (CPU and the model's CUDA
+  device), restored afterwards (`fixed_rng`): a model that draws random numbers in eval mode (Informer's
+  ProbSparse key sample with sample_seed=None) gives the same metrics on every call, and the training stream is
+  not touched. The official test draws from the running stream.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,30 +104,90 @@ def time_features(dates: np.ndarray, freq: str = "h") -> np.ndarray:
     return out.astype(np.float32)
 
 
+def _csv_rows(path: Path) -> Iterator[tuple[int, list[str], str]]:
+    """(1-based line number, fields, the line's text) of each non-blank row of a CSV, the header first; blank
+    lines (a trailing newline, an empty line) are skipped. Missing file: FormersError."""
+    if not path.is_file():
+        raise FormersError(f"forecast: no CSV at {path}; check the path")
+    with open(path, newline="") as f:
+        reader = csv.reader(f)
+        for fields in reader:
+            if not fields or (len(fields) == 1 and not fields[0].strip()):
+                continue
+            yield reader.line_num, fields, ",".join(fields)
+
+
+def _value_columns(path: Path, header: list[str], target: str) -> list[str]:
+    """The value columns of a CSV header, the target moved last; FormersError without `date` or `target`."""
+    if "date" not in header:
+        raise FormersError(f"forecast: {path} needs a 'date' column (the official data format); columns: {header}")
+    if target not in header or target == "date":
+        raise FormersError(f"task.target: column '{target}' is not in {path}; columns: {header}")
+    return [h for h in header if h not in ("date", target)] + [target]
+
+
+def read_csv_header(path: str | Path, target: str = "OT") -> list[str]:
+    """The value columns of a CSV (target last), read from its header line only."""
+    p = Path(path)
+    with contextlib.closing(_csv_rows(p)) as rows:
+        first = next(rows, None)
+    if first is None:
+        raise FormersError(f"forecast: {p} is empty")
+    return _value_columns(p, [h.strip() for h in first[1]], target)
+
+
 def read_csv_series(path: str | Path, target: str = "OT") -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Read a CSV with a `date` column and numeric columns -> (dates (n,) datetime64[s], values (n, C) float64,
-    column names), the target column moved last (as the official Dataset_Custom does)."""
+    column names), the target column moved last (as the official Dataset_Custom does). Blank lines are skipped;
+    a row that is not a date and numbers raises a FormersError naming its line number and text."""
     p = Path(path)
-    if not p.is_file():
-        raise FormersError(f"forecast: no CSV at {p}; check the path")
-    with open(p, newline="") as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2:
+    with contextlib.closing(_csv_rows(p)) as rows:
+        first = next(rows, None)
+        if first is None:
+            raise FormersError(f"forecast: {p} is empty")
+        header = [h.strip() for h in first[1]]
+        names = _value_columns(p, header, target)
+        di = header.index("date")
+        idx = [header.index(h) for h in names]
+        dates, values = [], []
+        for line, fields, text in rows:
+            try:
+                date = np.datetime64(fields[di].strip().replace(" ", "T", 1), "s")
+                if np.isnat(date):
+                    raise ValueError("no date")
+                values.append([float(fields[i]) for i in idx])
+            except (ValueError, IndexError) as e:
+                raise FormersError(f"forecast: {p} line {line} is not 'date, numbers...' for the columns {header} "
+                                   f"({e}): {text!r}") from None
+            dates.append(date)
+    if not dates:
         raise FormersError(f"forecast: {p} has no data rows")
-    header = [h.strip() for h in rows[0]]
-    if "date" not in header:
-        raise FormersError(f"forecast: {p} needs a 'date' column (the official data format); columns: {header}")
-    if target not in header or target == "date":
-        raise FormersError(f"task.target: column '{target}' is not in {p}; columns: {header}")
-    di = header.index("date")
-    names = [h for h in header if h not in ("date", target)] + [target]
-    idx = [header.index(h) for h in names]
-    try:
-        dates = np.array([r[di].strip().replace(" ", "T", 1) for r in rows[1:]], dtype="datetime64[s]")
-        values = np.array([[float(r[i]) for i in idx] for r in rows[1:]], dtype=np.float64)
-    except (ValueError, IndexError) as e:
-        raise FormersError(f"forecast: {p} has a row that is not 'date, numbers...' ({e})") from None
-    return dates, values, names
+    return np.array(dates, dtype="datetime64[s]"), np.array(values, dtype=np.float64), names
+
+
+def _model_device(model: nn.Module, device: torch.device | str | None = None) -> torch.device:
+    """`device` if given, else the device of the model's first parameter (CPU for a model without any)."""
+    if device is not None:
+        return torch.device(device)
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+@contextlib.contextmanager
+def fixed_rng(device: torch.device | str = "cpu", seed: int = 0) -> Iterator[None]:
+    """Run the block with the global RNG streams of the CPU and (CUDA) of `device` seeded with `seed`, and give
+    them back their states afterwards (torch.random.fork_rng): whatever a prediction draws (ProbSparse's key
+    sample with sample_seed=None) is the same on every call, and the training stream is left as it was."""
+    device = torch.device(device)
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        # torch.manual_seed(seed) restricted to the forked streams (it would also reseed any other CUDA device)
+        torch.random.default_generator.manual_seed(seed)
+        for d in cuda:
+            with torch.cuda.device(d):
+                torch.cuda.manual_seed(seed)
+        yield
 
 
 @register("task", "forecast", paper="P73")
@@ -168,6 +234,7 @@ class ForecastTask(Task):
         self.freq, self.borders_rule, self.scale = freq, borders, scale
         self.eval_test, self.eval_batch_size, self.eval_limit = eval_test, eval_batch_size, eval_limit
         self._ready = False
+        self._header: list[str] | None = None  # the CSV's value columns, read once (see `c_in`)
 
     # -- data ----------------------------------------------------------------------------------------------------
     @property
@@ -197,9 +264,7 @@ class ForecastTask(Task):
         if not self.path.is_file():
             raise FormersError(f"forecast: no CSV at {self.path}; give task.csv=PATH, or set ${ETT_ENV} to ETTh1.csv "
                                "(the default is shared/data/ett/ETTh1.csv beside the checkout)")
-        dates, values, names = read_csv_series(self.path, self.target)
-        if self.features == "S":
-            values, names = values[:, -1:], names[-1:]
+        dates, values, names = self._load(self.path)
         self.columns = names
         self.borders = self._borders(len(values))
         for split, (a, b) in self.borders.items():
@@ -213,13 +278,42 @@ class ForecastTask(Task):
             raise FormersError(f"forecast: a column of {self.path} is constant on the training rows "
                                f"({[c for c, s in zip(names, self.std) if s == 0]}); drop it")
         self.dates = dates
-        self.data = torch.from_numpy((values - self.mean) / self.std).float()  # (n, C) scaled
+        self.data = self._scale(values)  # (n, C) scaled
         self.marks = torch.from_numpy(time_features(dates, self.freq))  # (n, F)
         self._ready = True
 
+    def _load(self, path: str | Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """A CSV's dates (n,), values (n, C) in its own units and column names, as this task reads them: the
+        target last, and only the target for features S."""
+        dates, values, names = read_csv_series(path, self.target)
+        if self.features == "S":
+            values, names = values[:, -1:], names[-1:]
+        return dates, values, names
+
+    def _scale(self, values: np.ndarray) -> torch.Tensor:
+        """(n, C) values in the CSV's units -> float32 scaled with the training rows' mean and std."""
+        return torch.from_numpy((values - self.mean) / self.std).float()
+
+    def _assemble(self, data: torch.Tensor, marks: torch.Tensor, start: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The windows starting at rows `start` (B,) of scaled values `data` (n, C) and their time features
+        `marks` (n, F): x = rows [start, start + seq_len); the decoder's rows [start + seq_len - label_len,
+        start + seq_len + pred_len), their last pred_len values zeroed in x_dec and the target y."""
+        s, lab, p = self.seq_len, self.label_len, self.pred_len
+        enc = start[:, None] + torch.arange(s)  # (B, seq_len) row numbers
+        dec = start[:, None] + torch.arange(s - lab, s + p)  # (B, label_len + pred_len)
+        y_full = data[dec]  # (B, label_len + pred_len, C)
+        x_dec = torch.cat([y_full[:, :lab], torch.zeros_like(y_full[:, lab:])], dim=1)
+        c_out = y_full.shape[-1] if self.features == "M" else 1
+        return {"x_enc": data[enc], "x_mark_enc": marks[enc], "x_dec": x_dec, "x_mark_dec": marks[dec],
+                "y": y_full[:, lab:, -c_out:]}
+
     @property
     def c_in(self) -> int:
-        return 1 if self.features == "S" else len(read_csv_header(self.path, self.target))
+        if self.features == "S":
+            return 1
+        if self._header is None:
+            self._header = read_csv_header(self.path, self.target)
+        return len(self._header)
 
     @property
     def c_out(self) -> int:
@@ -245,15 +339,7 @@ class ForecastTask(Task):
     def windows(self, split: str, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The batch of windows `idx` (B,) of `split` (see the class docstring for the keys and shapes)."""
         self.prepare()
-        start = self.borders[split][0] + idx.long()  # (B,)
-        s, lab, p = self.seq_len, self.label_len, self.pred_len
-        enc = start[:, None] + torch.arange(s)  # (B, seq_len) row numbers
-        dec = start[:, None] + torch.arange(s - lab, s + p)  # (B, label_len + pred_len)
-        y_full = self.data[dec]  # (B, label_len + pred_len, C)
-        x_dec = torch.cat([y_full[:, :lab], torch.zeros_like(y_full[:, lab:])], dim=1)
-        c_out = y_full.shape[-1] if self.features == "M" else 1
-        return {"x_enc": self.data[enc], "x_mark_enc": self.marks[enc], "x_dec": x_dec, "x_mark_dec": self.marks[dec],
-                "y": y_full[:, lab:, -c_out:]}
+        return self._assemble(self.data, self.marks, self.borders[split][0] + idx.long())
 
     def train_batch(self, batch_size, generator):
         idx = torch.randint(self.train_size(), (batch_size,), generator=generator)
@@ -278,20 +364,22 @@ class ForecastTask(Task):
     @torch.no_grad()
     def score(self, model: nn.Module, split: str = "test", limit: int | None = None,
               device: torch.device | str | None = None) -> dict[str, float]:
-        """{split}_mse and {split}_mae: means over the first `limit` windows (all by default), steps and channels."""
+        """{split}_mse and {split}_mae: means over the first `limit` windows (all by default), steps and channels.
+        Predicts under `fixed_rng` (seed 0, the caller's RNG states restored)."""
         was = model.training
         model.eval()
         n = self.num_windows(split) if limit is None else min(limit, self.num_windows(split))
         se = ae = 0.0
         count = 0
-        for i in range(0, n, self.eval_batch_size):
-            batch = self.windows(split, torch.arange(i, min(i + self.eval_batch_size, n)))
-            if device is not None:
-                batch = {k: v.to(device) for k, v in batch.items()}
-            err = (self.predict(model, batch).double() - batch["y"].double())
-            se += float(err.square().sum())
-            ae += float(err.abs().sum())
-            count += err.numel()
+        with fixed_rng(_model_device(model, device)):
+            for i in range(0, n, self.eval_batch_size):
+                batch = self.windows(split, torch.arange(i, min(i + self.eval_batch_size, n)))
+                if device is not None:
+                    batch = {k: v.to(device) for k, v in batch.items()}
+                err = (self.predict(model, batch).double() - batch["y"].double())
+                se += float(err.square().sum())
+                ae += float(err.abs().sum())
+                count += err.numel()
         model.train(was)
         return {f"{split}_mse": se / max(count, 1), f"{split}_mae": ae / max(count, 1)}
 
@@ -312,15 +400,14 @@ class ForecastTask(Task):
         end (dates continue at the spacing of its last two rows). backtest=True: the input ends pred_len rows
         before the end, and the forecast is compared with those last rows (scaled MSE/MAE, as in training).
         Returns {"columns", "history_dates", "history" (seq_len, C_out), "dates", "forecast" (pred_len, C_out),
-        "truth" (pred_len, C_out) or None, and with backtest "mse", "mae"}; values in the CSV's own units."""
+        "truth" (pred_len, C_out) or None, and with backtest "mse", "mae"}; values in the CSV's own units.
+        Predicts under `fixed_rng` (seed 0, the caller's RNG states restored)."""
         self.prepare()
-        dates, values, names = read_csv_series(path, self.target)
-        if self.features == "S":
-            values, names = values[:, -1:], names[-1:]
+        dates, values, names = self._load(path)
         if names != self.columns:
             raise FormersError(f"forecast: {path} has columns {names} (target last); the run was trained on "
                                f"{self.columns}")
-        s, lab, p = self.seq_len, self.label_len, self.pred_len
+        s, p = self.seq_len, self.pred_len
         need = s + p if backtest else s
         if len(values) < need:
             raise FormersError(f"forecast: {path} has {len(values)} rows; this run needs at least {need} "
@@ -333,17 +420,15 @@ class ForecastTask(Task):
                 raise FormersError(f"forecast: {path} needs two rows to infer the time step")
             step = dates[-1] - dates[-2]
             out_dates = dates[-1] + step * np.arange(1, p + 1)
-        scaled = torch.from_numpy((values - self.mean) / self.std).float()  # (n, C)
-        known = scaled[end - lab:end]
-        all_dates = np.concatenate([dates[end - s:end], out_dates])
-        marks = torch.from_numpy(time_features(all_dates, self.freq))  # (s + p, F)
-        batch = {"x_enc": scaled[end - s:end][None], "x_mark_enc": marks[None, :s],
-                 "x_dec": torch.cat([known, torch.zeros(p, known.shape[1])])[None],
-                 "x_mark_dec": marks[None, s - lab:]}
+        rows = self._scale(values[end - s:end + p] if backtest else values[end - s:end])  # (s [+ p], C) scaled
+        if not backtest:  # the future is unknown: zeros (the decoder input zeroes those steps anyway)
+            rows = torch.cat([rows, torch.zeros(p, rows.shape[1])])
+        marks = torch.from_numpy(time_features(np.concatenate([dates[end - s:end], out_dates]), self.freq))
+        batch = self._assemble(rows, marks, torch.zeros(1, dtype=torch.long))  # one window: rows [0, s + p)
         was = model.training
         model.eval()
-        with torch.no_grad():
-            pred = self.predict(model, batch)[0].double().numpy()  # (p, C_out) scaled
+        with torch.no_grad(), fixed_rng(_model_device(model)):
+            pred = self.predict(model, batch)[0].double().cpu().numpy()  # (p, C_out) scaled
         model.train(was)
         c_out = pred.shape[-1]
         mean, std = self.mean[-c_out:], self.std[-c_out:]
@@ -355,17 +440,6 @@ class ForecastTask(Task):
             err = pred - (truth - mean) / std
             result.update(truth=truth, mse=float((err ** 2).mean()), mae=float(np.abs(err).mean()))
         return result
-
-
-def read_csv_header(path: Path, target: str) -> list[str]:
-    """The value columns of a CSV (target last) without reading its rows."""
-    if not Path(path).is_file():
-        read_csv_series(path, target)  # raises the missing-file error
-    with open(path, newline="") as f:
-        header = [h.strip() for h in next(csv.reader(f), [])]
-    if "date" not in header or target not in header:
-        read_csv_series(path, target)  # raises the precise error
-    return [h for h in header if h not in ("date", target)] + [target]
 
 
 def plot_forecast(result: dict[str, Any], out: str | Path, channel: int = -1, title: str = "") -> Path:
@@ -393,4 +467,5 @@ def plot_forecast(result: dict[str, Any], out: str | Path, channel: int = -1, ti
     return out
 
 
-__all__ = ["ForecastTask", "time_features", "read_csv_series", "plot_forecast", "default_csv", "FREQ_FEATURES"]
+__all__ = ["ForecastTask", "time_features", "read_csv_series", "read_csv_header", "plot_forecast", "default_csv",
+           "fixed_rng", "FREQ_FEATURES"]
