@@ -12,6 +12,7 @@ from formers.registry import FormersError
 
 
 def _cmd_train(a) -> int:
+    from formers.train.distributed import env_ranks
     from formers.train.trainer import train
 
     if a.nproc is not None and a.nproc < 1:
@@ -19,7 +20,7 @@ def _cmd_train(a) -> int:
     if a.nproc is not None and a.nproc > 1:
         return _launch_train(a)
     result = train(a.recipe, a.overrides, out=a.out, resume=a.resume, force=a.force)
-    if int(os.environ.get("RANK", 0)):  # under torchrun rank 0 reports
+    if env_ranks()[0]:  # under torchrun rank 0 reports
         return 0
     metrics = {k: v for k, v in result.items() if k not in ("sample", "run_dir", "final")}
     print("final: " + "  ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()))
@@ -29,18 +30,32 @@ def _cmd_train(a) -> int:
     return 0
 
 
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line minus its `--nproc N` / `--nproc=N` (or an abbreviation argparse accepted)."""
+    out, i = [], 0
+    while i < len(argv):
+        flag = argv[i].split("=", 1)[0]
+        if argv[i] == "--":
+            out += argv[i:]
+            break
+        if len(flag) >= 3 and "--nproc".startswith(flag):
+            i += 1 if "=" in argv[i] else 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def _launch_train(a) -> int:
-    """`--nproc N`: check the request here, then run this command in N processes through torchrun."""
-    from formers.train.distributed import launch
+    """`--nproc N`: check the request here, then run this very command, less `--nproc N`, in N processes."""
+    from formers.train import distributed
     from formers.train.trainer import check_launch
 
     if "WORLD_SIZE" in os.environ:
         raise FormersError("--nproc: this process already runs under torchrun; drop --nproc (torchrun's "
                            "--nproc-per-node sets the number of processes)")
     check_launch(a.recipe, a.overrides, a.nproc, out=a.out, resume=a.resume, force=a.force)
-    args = [a.recipe, *a.overrides] + (["--out", a.out] if a.out else []) + (["--resume"] if a.resume else []) \
-        + (["--force"] if a.force else [])
-    return launch(args, a.nproc)
+    return distributed.launch(_without_nproc(a.argv), a.nproc)
 
 
 def _cmd_eval(a) -> int:
@@ -299,7 +314,9 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args, extra = parser.parse_known_args(argv)
+    args.argv = argv  # `train --nproc N` runs the same command line in N processes
     # KEY=VALUE overrides may also come after options (`formers train R --out D train.steps=5`)
     if getattr(args, "cmd", None) == "train" and all("=" in e and not e.startswith("-") for e in extra):
         args.overrides += extra

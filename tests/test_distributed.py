@@ -83,8 +83,8 @@ def test_ddp_two_ranks_of_4_equal_one_rank_of_8(runs):
     assert (meta["world_size"], meta["parallel"]) == (2, "ddp")
 
 
-def test_fsdp_equals_ddp(runs):
-    _assert_same_run(runs / "ddp", runs / "fsdp")
+def test_fsdp_two_ranks_of_4_equal_one_rank_of_8(runs):
+    _assert_same_run(runs / "one", runs / "fsdp")
     assert json.loads((list_checkpoints(runs / "fsdp")[0] / "meta.json").read_text())["parallel"] == "fsdp"
     # sharded optimizer state is gathered into full tensors: the checkpoint looks like a 1-process one
     a, b = (load_file(str(list_checkpoints(runs / r)[-1] / "state.safetensors")) for r in ("one", "fsdp"))
@@ -171,7 +171,24 @@ def test_every_rank_slices_the_same_global_batch():
     parts = [distributed.local_rows(batch, distributed.Dist(rank=r, world=4), 8) for r in range(4)]
     assert torch.equal(torch.cat([p["x"] for p in parts]), batch["x"])
     assert torch.equal(torch.cat([p["y"] for p in parts]), batch["y"])
-    assert all(p["scalar"] is batch["scalar"] for p in parts)  # not a per-row tensor: left whole
+    assert all(p["scalar"] is batch["scalar"] for p in parts)  # no rows (0-dim): left whole
+    # a tensor that does not hold one row per example cannot be sliced: an error naming it, not a silent copy
+    with pytest.raises(formers.FormersError, match=r"batch\['mask'\] has shape \(5, 5\), not 8 rows first"):
+        distributed.local_rows({**batch, "mask": torch.ones(5, 5)}, distributed.Dist(rank=1, world=4), 8)
+    assert distributed.local_rows(batch, distributed.Dist(), 8) is batch  # one process: the whole batch
+
+
+def test_bridge_device_hooks_exist_only_inside_the_context():
+    m = formers.create_model("lm", vocab=20, dim=16, depth=1)
+    ids = torch.randint(0, 20, (2, 5))
+    ref = m(ids)
+    gpu = distributed.Dist(device=torch.device("cuda", 0))  # hooks only; the model stays on the CPU here
+    with distributed.bridge_device(m, gpu):
+        assert len(m._forward_pre_hooks) == len(m._forward_hooks) == 1
+        assert torch.equal(m(ids), ref)
+    assert not m._forward_pre_hooks and not m._forward_hooks  # training steps run without them
+    with distributed.bridge_device(m, distributed.Dist()):
+        assert not m._forward_pre_hooks  # nothing to bridge on the CPU
 
 
 def test_device_and_precision_requests_that_cannot_be_met(tmp_path):
@@ -190,36 +207,42 @@ def test_device_and_precision_requests_that_cannot_be_met(tmp_path):
     assert distributed.resolve_precision("auto", torch.device("cpu")) == "fp32"
 
 
-def test_nproc_checks_before_starting_processes(tmp_path, capsys):
+def test_nproc_checks_before_starting_processes(tmp_path, capsys, monkeypatch):
     from formers.cli import main
 
+    def no_launch(argv, nproc):
+        raise AssertionError(f"launched {nproc} processes for {argv}")
+
+    monkeypatch.setattr(distributed, "launch", no_launch)  # a refusal is proven by never launching
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump(RECIPE))
-    t0 = time.perf_counter()
-    assert main(["train", str(recipe), "--nproc", "3", "--out", str(tmp_path / "x")]) == 2
-    assert "must divide evenly over 3 processes" in capsys.readouterr().err
+    x = str(tmp_path / "x")
+    for extra, msg in (
+        (["--nproc", "3"], "must divide evenly over 3 processes"),
+        (["--nproc", "2", "model.block.mixer.name=softmx"], "unknown mixer 'softmx' (did you mean 'softmax'?)"),
+        (["--nproc", "2", "model.block.mixer.heads=5"], "divisible"),
+        (["--nproc=2", "train.optimizer=adamx"], "train.optimizer: unknown optimizer 'adamx'"),
+        (["--nproc", "2", "train.schedule.decay=3"], "train.schedule: unknown option 'decay' for 'cosine'"),
+        (["--nproc", "2", "train.steps=0"], "give steps >= 1 or epochs"),
+    ):
+        assert main(["train", str(recipe), *extra, "--out", x]) == 2, extra
+        assert msg in capsys.readouterr().err, extra
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "metrics.jsonl").write_text("")
     assert main(["train", str(recipe), "--nproc", "2", "--out", str(tmp_path / "y")]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    assert time.perf_counter() - t0 < 5  # refused here, no torchrun started
+    (tmp_path / "y" / "config.yaml").write_text(yaml.safe_dump(dict(RECIPE, name="other")))
+    assert main(["train", str(recipe), "--nproc", "2", "--out", str(tmp_path / "y"), "--resume"]) == 2
+    assert "--resume: the recipe differs from" in capsys.readouterr().err
 
 
-def _report(*failures):
-    """torchrun's ChildFailedError report: failures as (rank, exitcode), the first one the root cause."""
-    entry = ("[{i}]:\n  time      : now\n  host      : h\n  rank      : {r} (local_rank: {r})\n"
-             "  exitcode  : {c} (pid: 4)\n")
-    root, *others = failures
-    return ("formers FAILED\nFailures:\n" + "".join(entry.format(i=i + 1, r=r, c=c) for i, (r, c) in enumerate(others))
-            + "Root Cause (first observed failure):\n" + entry.format(i=0, r=root[0], c=root[1]))
+def test_nproc_forwards_the_command_line_it_was_given(tmp_path, monkeypatch):
+    from formers.cli import main
 
-
-def test_launcher_names_the_failed_rank():
-    msg = distributed.failure_message
-    assert msg(1, _report((1, -9))).startswith("distributed training failed: rank 1 was killed by SIGKILL;")
-    assert msg(1, _report((0, 2))).startswith("distributed training failed: rank 0 exited with code 2;")
-    # rank 0 died of the closed connection in the same poll as the killed rank 1 and was reported first
-    assert "rank 1 was killed by SIGKILL" in msg(1, _report((0, 1), (1, -9)))
-    # torchrun's own SIGTERM to the survivors is not the cause
-    assert "rank 1 exited with code 1" in msg(1, _report((1, 1), (0, -15)))
-    assert "see its report above" in msg(1, "no report")
+    launched = []
+    monkeypatch.setattr(distributed, "launch", lambda argv, nproc: launched.append((argv, nproc)) or 0)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(RECIPE))
+    out = str(tmp_path / "z")
+    assert main(["train", str(recipe), "train.lr=0.01", "--nproc", "2", "--out", out, "--force", "train.seed=1"]) == 0
+    assert launched == [(["train", str(recipe), "train.lr=0.01", "--out", out, "--force", "train.seed=1"], 2)]

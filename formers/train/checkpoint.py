@@ -3,9 +3,11 @@
 Each checkpoint is a folder `ckpt-<step>` that appears by a single rename, so a kill at any moment leaves either
 the old set of checkpoints or the new one, never a half-written file. Nothing here unpickles.
 
-Checkpoints hold full tensors whatever the number of processes that wrote them: sharded (FSDP) parameters and
-optimizer state are gathered on save (every rank takes part, rank 0 writes: `write=False` elsewhere) and cut to each
-rank's shard on load (formers/train/distributed.py), so N processes resume what 1 saved and vice versa.
+Checkpoints hold full tensors in the 1-process layout whatever the number of processes that wrote them: the model
+(tied tensors once) under `model.<key>`, the optimizer state under `optim.<index>.<name>` (index: the parameter's
+place in the optimizer's param groups). torch.distributed.checkpoint.state_dict moves state in and out of the
+model and optimizer: with sharded (FSDP) parameters it gathers them on save (every rank takes part, rank 0 writes:
+`write=False` elsewhere) and cuts each rank's shard on load, so N processes resume what 1 saved and vice versa.
 """
 
 from __future__ import annotations
@@ -20,55 +22,101 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from formers.registry import FormersError
-from formers.train.distributed import full_tensor, like
+from formers.train.distributed import is_sharded
+
+# save: full tensors on the CPU, on rank 0 only (the others take part in gathering shards and get nothing)
+_GATHER = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# load: every rank holds the full state (read from the same file) and keeps its own shard of it
+_SCATTER = StateDictOptions(full_state_dict=True, strict=False)
 
 
-def _flat_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = opt.state_dict()
+def _sharded(model: torch.nn.Module) -> bool:
+    return any(is_sharded(p) for p in model.parameters())
+
+
+def _tie_groups(model: torch.nn.Module) -> list[list[str]]:
+    """The state-dict keys of each tensor, grouped by object identity: a tied tensor (the head sharing the
+    embedding's weight, a module used twice) is one group of several keys, stored under the first."""
+    groups: dict[int, list[str]] = {}
+    for k, v in model.state_dict(keep_vars=True).items():
+        groups.setdefault(id(v), []).append(k)
+    return list(groups.values())
+
+
+def _param_index(model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict[str, int]:
+    """Every name of every parameter the optimizer holds -> its place in the optimizer's param groups."""
+    place = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    return {k: place[id(p)] for k, p in model.named_parameters(remove_duplicate=False) if id(p) in place}
+
+
+def _flat_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's full state as `optim.<index>.<name>` tensors and JSON scalars; empty on ranks other than 0
+    when a process group is up."""
+    osd = get_optimizer_state_dict(model, opt, options=_GATHER)
+    if not osd:
+        return {}, {}
+    index = _param_index(model, opt)
     tensors, scalars = {}, {}
-    for idx, state in sd["state"].items():
+    for name, state in osd["state"].items():
         for k, v in state.items():
             if isinstance(v, torch.Tensor):
-                tensors[f"optim.{idx}.{k}"] = full_tensor(v).contiguous()
+                tensors[f"optim.{index[name]}.{k}"] = v.contiguous()
             else:
-                scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+                scalars[f"{index[name]}.{k}"] = v
+    groups = [dict(g, params=[index[n] for n in g["params"]]) for g in osd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
-def _unflat_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
-    params = [p for g in opt.param_groups for p in g["params"]]
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            p = params[int(idx)] if int(idx) < len(params) else None
-            state.setdefault(int(idx), {})[name] = like(v, p) if p is not None and v.shape == p.shape else v
-    for key, v in meta["scalars"].items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+def _unflat_optimizer(model: torch.nn.Module, opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                      meta: dict[str, Any], where: Any) -> None:
+    names: dict[int, str] = {}
+    for k, i in _param_index(model, opt).items():
+        names.setdefault(i, k)
+    state: dict[str, dict[str, Any]] = {}
+    try:
+        for key, v in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(names[int(idx)], {})[name] = v
+        for key, v in meta["scalars"].items():
+            idx, name = key.split(".", 1)
+            state.setdefault(names[int(idx)], {})[name] = v
+        groups = [dict(g, params=[names[i] for i in g["params"]]) for g in meta["param_groups"]]
+    except (KeyError, ValueError) as e:
+        raise FormersError(f"the optimizer state in {where} does not fit the optimizer (parameter {e} is not in "
+                           "it); was the config changed after training?") from None
+    set_optimizer_state_dict(model, opt, {"state": state, "param_groups": groups}, options=_SCATTER)
 
 
 def model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full state dict on the CPU with tied/shared tensors stored once (safetensors refuses aliases). With sharded
-    (FSDP) parameters every rank must call this: the shards are gathered."""
-    out, seen = {}, {}
-    for k, v in model.state_dict().items():
-        local = getattr(v, "_local_tensor", v)  # a shard's own storage identifies a tied parameter
-        key = (local.data_ptr(), v.shape, v.dtype) if local.numel() else None
-        if key is not None and key in seen:
-            continue
-        if key is not None:
-            seen[key] = k
-        out[k] = full_tensor(v).contiguous()
-    return out
+    """Full state dict on the CPU with tied tensors stored once (safetensors refuses aliases). With sharded (FSDP)
+    parameters every rank must call this: the shards are gathered, and only rank 0 gets them (the others: {})."""
+    sd = get_model_state_dict(model, options=_GATHER)
+    for group in _tie_groups(model):
+        for alias in group[1:]:
+            sd.pop(alias, None)
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def _skip(model: torch.nn.Module, write: bool) -> bool:
+    """A rank that does not write has nothing to do unless it holds shards the writer needs."""
+    return not write and not _sharded(model)
 
 
 def save_weights(model: torch.nn.Module, path: Path, prefix: str = "", write: bool = True) -> None:
     """Save model weights to a safetensors file atomically (temp file + rename). `write=False`: take part in
-    gathering sharded weights without writing (the ranks other than 0)."""
+    gathering sharded weights without writing (the ranks other than 0); without shards it returns at once."""
+    if _skip(model, write):
+        return
     tensors = model_tensors(model)
     if not write:
         return
@@ -94,8 +142,11 @@ def load_weights(model: torch.nn.Module, path: Path, prefix: str = "") -> None:
 
 
 def load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Any) -> None:
+    """Load full tensors `sd` (tied tensors under any one of their keys) into `model`, sharded or not; every rank
+    of a sharded model must call this with the same `sd`."""
     expected = model.state_dict()
-    missing = [k for k in expected if k not in sd and not _is_alias(model, k, sd)]
+    groups = _tie_groups(model)
+    missing = [k for group in groups if not any(k in sd for k in group) for k in group]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
         raise FormersError(f"weights in {where} do not fit the model (missing {missing[:3]}, unexpected "
@@ -104,23 +155,22 @@ def load_state(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Any) 
         if expected[k].shape != v.shape:
             raise FormersError(f"weights in {where}: '{k}' has shape {tuple(v.shape)}, the model expects "
                                f"{tuple(expected[k].shape)}")
-    model.load_state_dict({k: like(v, expected[k]) for k, v in sd.items()}, strict=False)
-
-
-def _is_alias(model, key, sd) -> bool:
-    """True when `key` names a tensor shared with another key that is present (tied embeddings)."""
-    sd_model = model.state_dict()
-    ptr = lambda t: getattr(t, "_local_tensor", t).data_ptr()  # noqa: E731  (a shard's own storage)
-    return any(ptr(sd_model[k]) == ptr(sd_model[key]) for k in sd if k in sd_model)
+    # each tensor under the first of its keys, the one torch.distributed.checkpoint fills (a new dict: it puts each
+    # rank's shards into the one it is given)
+    first = {k: group[0] for group in groups for k in group}
+    set_model_state_dict(model, {first[k]: v for k, v in sd.items()}, options=_SCATTER)
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, rng: dict[str, torch.Tensor],
                     meta: dict[str, Any], keep: int = 2, write: bool = True) -> Path:
-    """Write `ckpt-<step>`; `write=False` only takes part in gathering sharded state (ranks other than 0)."""
+    """Write `ckpt-<step>`; `write=False` only takes part in gathering sharded state (ranks other than 0), and
+    without shards returns at once."""
     run_dir = Path(run_dir)
     final = run_dir / f"ckpt-{step:08d}"
+    if _skip(model, write):
+        return final
     tensors = {f"model.{k}": v for k, v in model_tensors(model).items()}
-    opt_tensors, opt_meta = _flat_optimizer(optimizer)
+    opt_tensors, opt_meta = _flat_optimizer(model, optimizer)
     if not write:
         return final
     tmp = Path(tempfile.mkdtemp(dir=run_dir, prefix=f".ckpt-{step:08d}-"))
@@ -156,6 +206,6 @@ def load_checkpoint(path: Path, model, optimizer=None) -> tuple[dict[str, Any], 
                            "previous one") from None
     load_state(model, {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}, path)
     if optimizer is not None:
-        _unflat_optimizer(optimizer, tensors, meta["optimizer"])
+        _unflat_optimizer(model, optimizer, tensors, meta["optimizer"], path)
     rng = {k[len("rng."):]: v for k, v in tensors.items() if k.startswith("rng.")}
     return meta, rng

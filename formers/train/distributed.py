@@ -7,24 +7,27 @@ The trainer (formers/train/trainer.py) calls these; a recipe does not change to 
   one CPU thread per rank unless `train.threads` says otherwise. Returns a `Dist` describing this process.
 - `wrap(model, dist, parallel)`: `ddp` (DistributedDataParallel) or `fsdp` (FSDP2 `fully_shard`: every block its
   own unit, then the root), or the model itself in a single process.
-- `local_rows(batch, dist)`: the data-parallel sampler. Every rank draws the same GLOBAL batch from the same
+- `local_rows(batch, dist, batch_size)`: the data-parallel sampler. Every rank draws the same GLOBAL batch from the same
   generator (its state is checkpointed) and keeps its contiguous slice of rows, so rank r of W gets exactly the rows
   a single process would get for that global batch and a run resumes exactly in any number of processes.
   `train.batch_size` is the global batch (summed over ranks).
 - `grad_sync(net, dist, last)`: gradient accumulation without communication until the last micro-batch
   (DDP `no_sync`, FSDP2 `set_requires_gradient_sync`).
-- `full_tensor`/`like`: the bridge between sharded (DTensor) parameters and the full tensors checkpoints hold, so a
-  checkpoint is the same whatever the number of processes.
-- `autocast`/`grad_scaler`/`bridge_device`: mixed precision and moving data to the model's device.
-- `launch(argv, nproc)`: `formers train ... --nproc N` re-runs itself under `python -m torch.distributed.run`.
+- `broadcast_object`: rank 0's Python object (an evaluation's metrics) on every rank, so all ranks branch alike.
+- `autocast`/`grad_scaler`/`bridge_device`: mixed precision, and moving data to the model's device while a task's
+  own code (evaluation, sampling) calls the model.
+- `launch(argv, nproc)`: `formers train ... --nproc N` runs `formers ARGV` in N processes through torch's launcher
+  (the code behind torchrun), in this process.
+
+Checkpoints gather sharded parameters and optimizer state with torch.distributed.checkpoint.state_dict
+(formers/train/checkpoint.py), so a checkpoint is the same whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
-import subprocess
+import signal
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as td
 from torch import nn
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import keystr, tree_map, tree_map_with_path
 
 from formers.registry import FormersError
 
@@ -74,9 +77,8 @@ def env_ranks() -> tuple[int, int, int]:
 # ------------------------------------------------------------------------------------------- device and precision
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """`train.device`: auto = CUDA when torch sees a GPU, else CPU. A request that cannot be met is an error."""
-    if name not in DEVICES:
-        raise FormersError(f"train.device: unknown device '{name}'; use one of {', '.join(DEVICES)}")
+    """`train.device` (a name TrainConfig accepted): auto = CUDA when torch sees a GPU, else CPU. A request that
+    cannot be met is an error."""
     if name == "cpu" or (name == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
@@ -90,9 +92,8 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
 
 def resolve_precision(name: str, device: torch.device) -> str:
     """`train.precision`: auto = bf16 autocast on a CUDA GPU that runs bf16, else fp32. bf16/fp16 only on CUDA:
-    the CPUs formers targets have no fast half-precision matrix units, so fp32 is the only sensible choice there."""
-    if name not in PRECISIONS:
-        raise FormersError(f"train.precision: unknown precision '{name}'; use one of {', '.join(PRECISIONS)}")
+    the CPUs formers targets have no fast half-precision matrix units, so fp32 is the only sensible choice there.
+    `name` is one TrainConfig accepted."""
     cuda = device.type == "cuda"
     if name == "auto":
         return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
@@ -105,20 +106,19 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def check_request(device: str, precision: str, parallel: str, nproc: int, batch_size: int,
-                  per_node: int | None = None) -> None:
-    """The checks that need no process group, for `--nproc` to fail before it starts anything. `nproc` processes
-    in all, `per_node` of them on this node (default: all)."""
-    if parallel not in PARALLEL:
-        raise FormersError(f"train.parallel: unknown mode '{parallel}'; use ddp (replicate the model) or fsdp "
-                           "(shard parameters, gradients and optimizer state)")
+def check_batch(batch_size: int, nproc: int) -> None:
     if nproc > 1 and batch_size % nproc:
         raise FormersError(f"train.batch_size={batch_size} is the global batch and must divide evenly over "
                            f"{nproc} processes; use a multiple of {nproc}")
+
+
+def check_request(device: str, precision: str, nproc: int, batch_size: int) -> None:
+    """What `--nproc N` checks before it starts N processes on this node (the options themselves were checked by
+    TrainConfig): the batch divides over them, they find a GPU each, the precision runs there."""
+    check_batch(batch_size, nproc)
     dev = resolve_device(device)
-    local = nproc if per_node is None else per_node
-    if dev.type == "cuda" and local > torch.cuda.device_count():
-        raise FormersError(f"{local} processes on this node need {local} GPUs, it has {torch.cuda.device_count()}; "
+    if dev.type == "cuda" and nproc > torch.cuda.device_count():
+        raise FormersError(f"{nproc} processes on this node need {nproc} GPUs, it has {torch.cuda.device_count()}; "
                            "start fewer processes per node or use train.device=cpu")
     resolve_precision(precision, dev)
 
@@ -137,8 +137,7 @@ def setup(tc) -> Dist:
     d = Dist(rank, world, local_rank, device, precision)
     if world == 1:
         return d
-    check_request(tc.device, tc.precision, tc.parallel, world, tc.batch_size,
-                  per_node=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    check_batch(tc.batch_size, world)  # a GPU per local rank: resolve_device checked it
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not td.is_initialized():
@@ -171,13 +170,13 @@ def mean_over_ranks(value: torch.Tensor | float, d: Dist) -> float:
     return float(t) / d.world
 
 
-def from_main(flag: bool, d: Dist) -> bool:
-    """Rank 0's decision, on every rank (all of them must call it)."""
+def broadcast_object(obj: Any, d: Dist) -> Any:
+    """Rank 0's `obj` (picklable) on every rank (all of them must call it; the others' `obj` is ignored)."""
     if d.world == 1:
-        return flag
-    t = torch.tensor([int(flag)], device=d.comm_device)
-    td.broadcast(t, 0)
-    return bool(t.item())
+        return obj
+    box = [obj]
+    td.broadcast_object_list(box, 0, device=d.comm_device)
+    return box[0]
 
 
 # ------------------------------------------------------------------------------------------------------ the model
@@ -224,8 +223,6 @@ def wrap(model: nn.Module, d: Dist) -> nn.Module:
     """Move the model to its device and wrap it for data parallelism; returns the module to call when training.
     FSDP2 shards `model` in place (it stays the same object); DDP returns a wrapper around it."""
     model.to(d.device)
-    if d.device.type == "cuda":
-        bridge_device(model)
     if d.world == 1:
         return model
     if d.parallel == "ddp":
@@ -256,24 +253,36 @@ def grad_sync(net: nn.Module, d: Dist, last: bool):
 
 
 def local_rows(batch: Any, d: Dist, batch_size: int) -> Any:
-    """This rank's contiguous share of a global batch: rows [r*B/W, (r+1)*B/W) of every tensor whose first
-    dimension is the batch. Moves the result to the training device."""
+    """This rank's contiguous share of a global batch: rows [r*B/W, (r+1)*B/W) of every tensor in it (0-dim
+    tensors, which have no rows, stay whole). A tensor whose first dimension is not the batch is an error: a task's
+    batch holds one row per example. Moves the result to the training device."""
     if d.world > 1:
         n = batch_size // d.world
         lo = d.rank * n
 
-        def cut(t):
-            return t[lo:lo + n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch_size else t
+        def cut(path, t):
+            if not isinstance(t, torch.Tensor) or not t.dim():
+                return t
+            if t.shape[0] != batch_size:
+                raise FormersError(f"the task's training batch{keystr(path)} has shape {tuple(t.shape)}, not "
+                                   f"{batch_size} rows first; with several processes every tensor of a batch "
+                                   "must hold one row per example (each rank keeps its slice of the rows)")
+            return t[lo:lo + n]
 
-        batch = tree_map(cut, batch)
+        batch = tree_map_with_path(cut, batch)
     if d.device.type != "cpu":
         batch = tree_map(lambda t: t.to(d.device, non_blocking=True) if isinstance(t, torch.Tensor) else t, batch)
     return batch
 
 
-def bridge_device(model: nn.Module) -> None:
-    """Let code that knows nothing of devices (a task's evaluate, generation) call a model that lives on a GPU:
-    tensors handed to the model move to its device, and its outputs come back to the device they came from."""
+@contextlib.contextmanager
+def bridge_device(model: nn.Module, d: Dist):
+    """While it is open, code that knows nothing of devices (a task's evaluate, generation) may call a model that
+    lives on a GPU: tensors handed to the model move to its device, and its outputs come back to the device they
+    came from. Nothing on the CPU; the hooks are removed on exit, so training steps do not run them."""
+    if d.device.type == "cpu":
+        yield
+        return
     origins: list[torch.device | None] = []
 
     def device_of(tree) -> torch.device | None:
@@ -295,8 +304,14 @@ def bridge_device(model: nn.Module) -> None:
             return None
         return tree_map(lambda t: t.to(origin) if isinstance(t, torch.Tensor) else t, out)
 
-    model.register_forward_pre_hook(pre, with_kwargs=True)
-    model.register_forward_hook(post, with_kwargs=True)
+    # first of the pre-forward hooks: FSDP's own moves the inputs too, and `pre` must see where they came from
+    handles = [model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
+               model.register_forward_hook(post, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def autocast(d: Dist):
@@ -311,84 +326,58 @@ def grad_scaler(d: Dist):
     return torch.amp.GradScaler(d.device.type) if d.precision == "fp16" else None
 
 
-# ------------------------------------------------------------------------------------ full tensors for checkpoints
-
 def is_sharded(t: Any) -> bool:
     from torch.distributed.tensor import DTensor
 
     return isinstance(t, DTensor)
 
 
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor on the CPU; a sharded parameter or optimizer state is gathered (every rank must call)."""
-    if is_sharded(t):
-        t = t.full_tensor()
-    return t.detach().cpu()
-
-
-def like(full: torch.Tensor, target: Any) -> torch.Tensor:
-    """`full` laid out as `target`: this rank's shard when `target` is sharded (no communication: every rank holds
-    the full tensor, read from the same checkpoint), else the full tensor."""
-    if is_sharded(target) and not is_sharded(full):
-        from torch.distributed.tensor import distribute_tensor
-
-        return distribute_tensor(full.to(target.device, target.dtype), target.device_mesh, target.placements,
-                                 src_data_rank=None)
-    return full
-
-
 # -------------------------------------------------------------------------------------------------------- launcher
 
-_FAILURE = re.compile(r"rank\s*:\s*(\d+)\s*\(local_rank[^\n]*\n\s*exitcode\s*:\s*(-?\d+)")
+def failure_message(e) -> str:
+    """One line naming the rank that failed, from the launcher's ChildFailedError, and what to do. Its first
+    failure (by time stamp, to the second) is not always the cause: when a rank is killed its peers fail within
+    milliseconds (a closed connection in a collective, exit code 1) and may be noticed in the same poll; a rank
+    killed by a signal other than the launcher's own SIGTERM is the cause, so it is named first."""
+    killed = sorted(r for r, f in e.failures.items() if f.exitcode < 0 and f.exitcode != -signal.SIGTERM)
+    rank = killed[0] if killed else e.get_first_failure()[0]
+    f = e.failures[rank]
+    how = f"was killed by {f.signal_name()}" if f.exitcode < 0 else f"exited with code {f.exitcode}"
+    return (f"distributed training failed: rank {rank} {how}; the launcher stopped the other ranks. The failed "
+            "rank's own error, if it printed one, is above; continue with --resume")
 
 
-def failure_message(rc: int, log_tail: str) -> str:
-    """One line naming the rank that failed, from torchrun's report, and what to do. torchrun's 'Root Cause' is the
-    first failure it noticed, but when a rank is killed its peers fail within milliseconds (a closed connection in
-    a collective, exit code 1) and may be noticed in the same poll; a rank killed by a signal other than torchrun's
-    own SIGTERM is the cause, so it is named first."""
-    import signal
+def launch(argv: list[str], nproc: int) -> int:
+    """Run `formers ARGV` in `nproc` processes on this node through torch's launcher (torch.distributed.run, the
+    code behind torchrun, here in this process): it starts the workers, watches them and, when one dies, stops the
+    others. Returns 0, or 1 after printing which rank failed; Ctrl-C stops the workers and raises
+    KeyboardInterrupt. The launcher's signal handlers and its environment settings are undone on return."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
 
-    report = log_tail[log_tail.rfind("Failures:"):] if "Failures:" in log_tail else ""
-    found = [(int(r), int(c)) for r, c in _FAILURE.findall(report)]
-    if not found:
-        return (f"distributed training failed: torchrun exited with code {rc} (see its report above); continue with "
-                "--resume once the cause is fixed")
-    root = report.find("Root Cause")
-    roots = [(int(r), int(c)) for r, c in _FAILURE.findall(report[root:])] if root >= 0 else []
-    killed = [(r, c) for r, c in found if c < 0 and c != -signal.SIGTERM]
-    rank, code = killed[0] if killed else (roots or found)[0]
-    how = f"was killed by {signal.Signals(-code).name}" if code < 0 and -code in signal.valid_signals() \
-        else f"exited with code {code}"
-    return (f"distributed training failed: rank {rank} {how}; torchrun stopped the other ranks (exit code {rc}). "
-            "The failed rank's own error, if it printed one, is above; continue with --resume")
-
-
-def launch(args: list[str], nproc: int) -> int:
-    """Run `formers train ARGS` in `nproc` processes on this node through torchrun; returns its exit status and,
-    on failure, prints which rank failed. torchrun watches the workers: when one dies, it stops the others."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "formers", "train", *args]
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")  # the setting torchrun would announce; train.threads still applies
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE)
-    tail = b""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)}
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # what torchrun would set (and announce); train.threads applies
     try:
-        while True:  # pass stderr through as it comes (the progress bar), keeping the end for the report
-            chunk = os.read(proc.stderr.fileno(), 65536)
-            if not chunk:
-                break
-            sys.stderr.buffer.write(chunk)
-            sys.stderr.buffer.flush()
-            tail = (tail + chunk)[-65536:]
-        rc = proc.wait()
-    except KeyboardInterrupt:
-        proc.wait()  # torchrun got the same SIGINT and stops its workers
-        raise
-    if rc:
-        print(f"error: {failure_message(rc, tail.decode(errors='replace'))}", file=sys.stderr)
-    return rc
+        run(parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "formers", *argv]))
+        return 0
+    except ChildFailedError as e:
+        print(f"error: {failure_message(e)}", file=sys.stderr)
+        return 1
+    except SignalException as e:  # the launcher's handlers turn SIGINT/SIGTERM into this once the workers stopped
+        if e.sigval == signal.SIGINT:
+            raise KeyboardInterrupt from None
+        print(f"error: distributed training stopped by {signal.Signals(e.sigval).name}; continue with --resume",
+              file=sys.stderr)
+        return 128 + int(e.sigval)
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for k in set(os.environ) - set(env):
+            del os.environ[k]
+        os.environ.update(env)
 
 
-__all__ = ["Dist", "setup", "teardown", "wrap", "grad_sync", "local_rows", "launch", "resolve_device",
-           "resolve_precision", "check_request"]
+__all__ = ["Dist", "setup", "teardown", "wrap", "grad_sync", "local_rows", "broadcast_object", "bridge_device",
+           "launch", "resolve_device", "resolve_precision", "check_request"]

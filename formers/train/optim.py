@@ -11,7 +11,7 @@ import math
 import torch
 from torch import nn
 
-from formers.registry import register
+from formers.registry import FormersError, register
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -103,8 +103,6 @@ class StepDecay(Schedule):
     def __init__(self, warmup: int = 0, every: int = 1000, gamma: float = 0.5, hold: int = 0):
         super().__init__(warmup)
         if every < 1 or hold < 0:
-            from formers.registry import FormersError
-
             raise FormersError(f"schedule step_decay: need every >= 1 and hold >= 0, got every={every}, hold={hold}")
         self.every, self.gamma, self.hold = every, gamma, hold
 

@@ -13,6 +13,7 @@ run saved by N processes resumes in any number of them (docs/distributed.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -84,12 +85,15 @@ class TrainConfig:
                                    f"use one of {', '.join(allowed)}")
         if tc.dist_timeout <= 0:
             raise FormersError(f"train.dist_timeout: must be > 0 seconds, got {tc.dist_timeout}")
+        if tc.epochs is None and (tc.steps is None or tc.steps < 1):
+            raise FormersError("train: give steps >= 1 or epochs")
         return tc
 
 
 # options that say how to run, not what to train: a run may resume with them changed (on another machine, on more
-# processes or none)
-EXECUTION_OPTIONS = ("steps", "threads", "progress", "device", "precision", "parallel", "dist_timeout")
+# processes or none), and with more or fewer steps
+HOW_TO_RUN = ("threads", "progress", "device", "precision", "parallel", "dist_timeout")
+EXECUTION_OPTIONS = ("steps", *HOW_TO_RUN)
 
 
 # ----------------------------------------------------------------------------------------------------- building
@@ -109,12 +113,29 @@ def build_model(model_cfg: dict[str, Any], defaults: dict[str, Any] | None = Non
     return build("model", {"name": name, **opts}, path="model")
 
 
-def resolve(cfg: dict[str, Any]):
-    """Validate a whole recipe and build its parts: (task, model, TrainConfig). Nothing is written."""
+def build_optimizer(model, tc: TrainConfig):
+    return build("optimizer", tc.optimizer, path="train.optimizer", reserved=("params", "lr"),
+                 params=param_groups(model, tc.weight_decay), lr=tc.lr)
+
+
+def build_schedule(tc: TrainConfig):
+    return build("schedule", tc.schedule, path="train.schedule")
+
+
+def _build_parts(cfg: dict[str, Any], device: str | None = None):
+    """(task, model, TrainConfig) of a validated recipe, the task's data not yet prepared; `device="meta"` builds
+    the model without memory or initialisation, to check it."""
     tc = TrainConfig.from_dict(cfg["train"])
     torch.manual_seed(tc.seed)  # the initial weights depend on the seed alone
     task = build_task(cfg["task"])
-    model = build_model(cfg["model"], task.model_defaults())
+    with torch.device(device) if device else contextlib.nullcontext():
+        model = build_model(cfg["model"], task.model_defaults())
+    return task, model, tc
+
+
+def resolve(cfg: dict[str, Any]):
+    """Validate a whole recipe and build its parts: (task, model, TrainConfig). Nothing is written."""
+    task, model, tc = _build_parts(cfg)
     task.prepare()  # data last: a config typo is reported even when the data is not there yet
     return task, model, tc
 
@@ -138,13 +159,17 @@ def check_run_dir(d: Path, resume: bool, force: bool) -> bool:
     return had_run
 
 
-class _NoLog:
-    """The metrics log of ranks other than 0."""
-
-    def write(self, text: str) -> None:
-        pass
-
-    flush = close = lambda self: None  # noqa: E731
+def check_same_recipe(saved: Path, cfg: dict[str, Any]) -> None:
+    """--resume: the recipe must be the one the run folder's config.yaml recorded, but for how the run is run."""
+    if not saved.exists():
+        return
+    old = C.yaml.safe_load(saved.read_text())
+    a, b = dict(old), dict(cfg)
+    a["train"] = {k: v for k, v in a.get("train", {}).items() if k not in EXECUTION_OPTIONS}
+    b["train"] = {k: v for k, v in b.get("train", {}).items() if k not in EXECUTION_OPTIONS}
+    if a != b:
+        raise FormersError(f"--resume: the recipe differs from {saved} (only train.steps and how it runs: "
+                           f"{', '.join(HOW_TO_RUN)} may change); resume with the same recipe and overrides")
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -172,16 +197,13 @@ class Trainer:
         if tc.epochs is not None:
             per_step = tc.batch_size * tc.accum
             self.total = max(1, math.ceil(tc.epochs * self.task.train_size() / per_step))
-        elif tc.steps is not None and tc.steps >= 1:
-            self.total = tc.steps
         else:
-            raise FormersError("train: give steps >= 1 or epochs")
+            self.total = tc.steps
         # what the training step calls: a DDP wrapper, the model sharded in place by FSDP, or the model itself
         self.net = distributed.wrap(self.model, self.dist)
         self.scaler = distributed.grad_scaler(self.dist)
-        self.optimizer = build("optimizer", tc.optimizer, path="train.optimizer", reserved=("params", "lr"),
-                               params=param_groups(self.model, tc.weight_decay), lr=tc.lr)
-        self.schedule = build("schedule", tc.schedule, path="train.schedule")
+        self.optimizer = build_optimizer(self.model, tc)
+        self.schedule = build_schedule(tc)
 
     # -- run folder
     def _prepare_dir(self) -> int:
@@ -192,21 +214,16 @@ class Trainer:
         d.mkdir(parents=True, exist_ok=True)
         clean_partial(d)
         saved = d / "config.yaml"
-        if self.resume and saved.exists():
-            old = C.yaml.safe_load(saved.read_text())
-            a, b = dict(old), dict(self.cfg)
-            a["train"] = {k: v for k, v in a.get("train", {}).items() if k not in EXECUTION_OPTIONS}
-            b["train"] = {k: v for k, v in b.get("train", {}).items() if k not in EXECUTION_OPTIONS}
-            if a != b:
-                raise FormersError(f"--resume: the recipe differs from {saved} (only train.steps and how it runs: "
-                                   f"{', '.join(EXECUTION_OPTIONS[1:])} may change); resume with the same recipe "
-                                   "and overrides")
+        if self.resume:
+            check_same_recipe(saved, self.cfg)
         _atomic_text(saved, C.dump(self.cfg))
         return 0
 
-    def _rng_state(self, data_gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def _rng_state(self, data_gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
         """Every rank holds the same RNG streams (same seed, same draws), so rank 0's state is the run's."""
-        state = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
+        state = {"torch": torch.get_rng_state()}
+        if data_gen is not None:
+            state["data"] = data_gen.get_state()
         if self.dist.device.type == "cuda":
             state["cuda"] = torch.cuda.get_rng_state(self.dist.device)
         return state
@@ -249,7 +266,7 @@ class Trainer:
             metrics_path.unlink()
 
         model.train()
-        log = open(metrics_path, "a") if dist.main else _NoLog()
+        log = open(metrics_path if dist.main else os.devnull, "a")  # rank 0 alone writes the log
         bar = _progress(self.total, start, tc.progress and dist.main)
         t0, tokens, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
         started = time.perf_counter()
@@ -275,14 +292,12 @@ class Trainer:
                     tokens += task.count(batch) * dist.world
                     step_loss += loss.item()
                     n_acc += 1
-                loss_acc += distributed.mean_over_ranks(step_loss, dist)  # the global batch's loss on every rank
-                if not math.isfinite(loss_acc):
-                    raise FormersError(f"loss became {loss_acc} at step {step}; lower train.lr or enable grad_clip")
+                if not math.isfinite(step_loss):  # this rank's rows; no communication
+                    raise FormersError(f"loss became {step_loss} at step {step}; lower train.lr or enable grad_clip")
+                loss_acc += step_loss
                 if self.scaler is not None:
                     self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip or float("inf"))
-                if distributed.is_sharded(grad_norm):
-                    grad_norm = grad_norm.full_tensor()
                 if self.scaler is not None:
                     self.scaler.step(self.optimizer)
                     self.scaler.update()
@@ -290,7 +305,11 @@ class Trainer:
                     self.optimizer.step()
                 self.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
-                if done % tc.log_every == 0 or done == self.total:
+                if done % tc.log_every == 0 or done == self.total:  # every rank: the collectives below
+                    # the global batch's loss: the mean over the ranks of each one's mean over its rows
+                    loss_acc = distributed.mean_over_ranks(loss_acc, dist)
+                    if distributed.is_sharded(grad_norm):
+                        grad_norm = grad_norm.full_tensor()
                     dt = time.perf_counter() - t0
                     rec = {"step": done, "loss": loss_acc / n_acc, "lr": lr, "tokens_per_s": tokens / max(dt, 1e-9),
                            "grad_norm": float(grad_norm)}
@@ -302,13 +321,11 @@ class Trainer:
                 # the last step is scored by the final evaluation, except with early stopping, where it must also
                 # compete for the best checkpoint that the final evaluation then loads
                 if done % tc.eval_every == 0 and (done != self.total or tc.patience is not None):
-                    ev = self._evaluate(limit=getattr(task, "eval_limit", None))  # every rank: FSDP needs them all
+                    ev = self._evaluate(limit=getattr(task, "eval_limit", None))  # rank 0's, on every rank
                     log.write(json.dumps({"step": done, **ev}) + "\n")
                     log.flush()
-                    if tc.patience is not None:
-                        best, bad, stop = self._early_stop(ev, best, bad)
-                        if distributed.from_main(stop, dist):
-                            stopped_early = True
+                    if tc.patience is not None:  # the same decision on every rank: the same `ev`
+                        best, bad, stopped_early = self._early_stop(ev, best, bad)
                 if done % tc.ckpt_every == 0 or stopped_early:
                     save_checkpoint(self.run_dir, done, model, self.optimizer, self._rng_state(data_gen),
                                     self._checkpoint_meta(best, bad), write=dist.main)
@@ -327,8 +344,10 @@ class Trainer:
         final = self._evaluate()
         result = {"step": done, "final": True, **final,
                   "train_seconds": time.perf_counter() - started}
-        # a sharded model needs every rank in each forward; a replicated one only rank 0
-        sample = task.sample(model) if tc.sample and (dist.main or dist.parallel == "fsdp") else None
+        sample = None
+        if tc.sample and self._evaluates():
+            with distributed.bridge_device(model, dist):
+                sample = task.sample(model)
         if dist.main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(result) + "\n")
@@ -339,9 +358,30 @@ class Trainer:
         result["sample"] = sample
         return result
 
+    def _evaluates(self) -> bool:
+        """Whether this rank runs the task's evaluation (and sampling): every rank of a sharded model (each forward
+        needs them all), rank 0 alone of a replicated one."""
+        return self.dist.main or self.dist.parallel == "fsdp"
+
     def _evaluate(self, **kw) -> dict[str, float]:
-        with distributed.autocast(self.dist):
-            return self.task.evaluate(self.model, **kw)
+        """Rank 0's evaluation, on every rank (all of them must call it), so that they all branch alike. When rank
+        0 evaluates alone, its RNG state comes along: an evaluation may draw random numbers (random features, LSH
+        rotations), and every rank must keep the same random streams as rank 0."""
+        dist = self.dist
+        ev = rng = None
+        if self._evaluates():
+            with distributed.bridge_device(self.model, dist), distributed.autocast(dist):
+                ev = self.task.evaluate(self.model, **kw)
+        if dist.parallel != "ddp":
+            return distributed.broadcast_object(ev, dist)
+        if dist.main:
+            rng = self._rng_state()
+        ev, rng = distributed.broadcast_object((ev, rng), dist)
+        if not dist.main:
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng:
+                torch.cuda.set_rng_state(rng["cuda"], dist.device)
+        return ev
 
     def _early_stop(self, ev, best, bad):
         value = ev.get(self.task.metric)
@@ -404,12 +444,17 @@ def plot_metrics(metrics_path: Path, out: Path, metric: str) -> None:
     os.replace(tmp, out)
 
 
+def _load_cfg(recipe: str | dict, overrides: list[str] | None, out: str | Path | None) -> tuple[dict, Path]:
+    """The recipe (built-in name, path or dict) with its overrides applied, and the run folder."""
+    cfg = C.validate_sections(dict(recipe)) if isinstance(recipe, dict) else C.load_recipe(recipe)
+    cfg = C.apply_overrides(cfg, overrides or [])
+    return cfg, Path(out) if out else Path("runs") / cfg["name"]
+
+
 def train(recipe: str | dict, overrides: list[str] | None = None, out: str | Path | None = None,
           resume: bool = False, force: bool = False) -> dict[str, Any]:
     """Train a recipe (built-in name, path or dict) with dotted overrides; returns the final metrics."""
-    cfg = C.validate_sections(dict(recipe)) if isinstance(recipe, dict) else C.load_recipe(recipe)
-    cfg = C.apply_overrides(cfg, overrides or [])
-    run_dir = Path(out) if out else Path("runs") / cfg["name"]
+    cfg, run_dir = _load_cfg(recipe, overrides, out)
     trainer = Trainer(cfg, run_dir, resume=resume, force=force)
     try:
         result = trainer.fit()
@@ -421,12 +466,18 @@ def train(recipe: str | dict, overrides: list[str] | None = None, out: str | Pat
 
 def check_launch(recipe: str | dict, overrides: list[str] | None, nproc: int, out: str | Path | None = None,
                  resume: bool = False, force: bool = False) -> None:
-    """What `--nproc N` checks before it starts N processes: the recipe, the train options, the run folder."""
-    cfg = C.validate_sections(dict(recipe)) if isinstance(recipe, dict) else C.load_recipe(recipe)
-    cfg = C.apply_overrides(cfg, overrides or [])
-    tc = TrainConfig.from_dict(cfg["train"])
-    distributed.check_request(tc.device, tc.precision, tc.parallel, nproc, tc.batch_size)
-    check_run_dir(Path(out) if out else Path("runs") / cfg["name"], resume, force)
+    """What `--nproc N` checks before it starts N processes, so that a mistake costs one line here rather than N
+    tracebacks: the recipe as `train` validates it (the task and the model built, the model on the meta device,
+    without data; the optimizer and schedule specs), the request (batch, GPUs, precision), the run folder and,
+    with --resume, that the recipe is the run's."""
+    cfg, run_dir = _load_cfg(recipe, overrides, out)
+    _, model, tc = _build_parts(cfg, device="meta")
+    build_optimizer(model, tc)
+    build_schedule(tc)
+    distributed.check_request(tc.device, tc.precision, nproc, tc.batch_size)
+    check_run_dir(run_dir, resume, force)
+    if resume:
+        check_same_recipe(run_dir / "config.yaml", cfg)
 
 
 def load_run(run_dir: str | Path, checkpoint: str | None = None):
