@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import formers
-from formers.models.vision.vit import ViT
+from formers.models.vision.vit import VIT_CONFIGS, ViT
 from formers.nn.vision import (
     LearnedPosition2d,
     PatchEmbed,
@@ -40,6 +40,15 @@ def test_vit_large_param_count_to_published_digit():
     with torch.device("meta"):
         m = formers.create_model("vit_large_patch16_224")
     assert round(m.num_params() / 1e6, 1) == 304.3  # timm model card: 304.3M
+
+
+@pytest.mark.parametrize("name", sorted(VIT_CONFIGS))
+def test_named_configs_have_their_published_heads(name):
+    with torch.device("meta"):
+        m = formers.create_model(name)
+    heads = {b.attn.fn.heads for b in m.stack.blocks}
+    assert heads == {VIT_CONFIGS[name][3]}, f"{name}: heads {heads}, published {VIT_CONFIGS[name][3]}"
+    assert {b.attn.fn.head_dim for b in m.stack.blocks} == {64}  # every timm ViT size uses 64-dim heads
 
 
 def test_vit_tiny_size_and_tokens():
@@ -268,7 +277,8 @@ def test_bad_options_and_inputs():
 
 def test_logits_equal_hf_transformers_vit():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+    # 2 heads: not the block defaults' 4, so a model that ignored `heads` would fail here
+    cfg = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
                                  image_size=16, patch_size=4, num_channels=3, num_labels=5, layer_norm_eps=1e-6,
                                  qkv_bias=True, attn_implementation="eager")
     torch.manual_seed(0)
@@ -276,7 +286,7 @@ def test_logits_equal_hf_transformers_vit():
     with torch.no_grad():  # HF's init leaves biases/cls at 0: randomise so the map is really exercised
         for p in hf.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    ours = ViT(img_size=16, patch_size=4, in_chans=3, num_classes=5, dim=32, depth=2, heads=4).double().eval()
+    ours = ViT(img_size=16, patch_size=4, in_chans=3, num_classes=5, dim=32, depth=2, heads=2).double().eval()
     sd = hf.state_dict()
     new = {"cls_token": sd["vit.embeddings.cls_token"], "pos.emb": sd["vit.embeddings.position_embeddings"][0],
            "patch_embed.proj.weight": sd["vit.embeddings.patch_embeddings.projection.weight"],

@@ -145,7 +145,8 @@ class ViT(VisionModel):
             self.pos = None
         self.pos_drop = nn.Dropout(pos_drop)
 
-        defaults = {"norm": {"name": "layernorm", "eps": norm_eps}, "mixer": {"name": "softmax"},
+        # heads in the default mixer: otherwise the block defaults' own head count would win over `heads`
+        defaults = {"norm": {"name": "layernorm", "eps": norm_eps}, "mixer": {"name": "softmax", "heads": heads},
                     "ffn": {"name": "mlp", "mult": mlp_ratio, "act": "gelu"}}
         specs = layer_specs(merge_spec(defaults, block or {}), layers, depth)
         for i, s in enumerate(specs):
