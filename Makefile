@@ -27,7 +27,7 @@ lint: setup
 	$(BIN)/ruff check formers tests benchmarks
 
 bench: setup
-	$(BIN)/python benchmarks/lm_train_peers.py
+	$(BIN)/python benchmarks/peers_speed.py
 
 clean:
 	rm -rf runs .pytest_cache .junit

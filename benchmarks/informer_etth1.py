@@ -144,7 +144,7 @@ def run_one(model_name: str, key: str, seed: int, args, rows: list[dict], emit) 
           "stopped": False}
     state_path = folder / "state.pt"
     if state_path.exists():
-        saved = torch.load(state_path, weights_only=False)
+        saved = torch.load(state_path, weights_only=True)  # tensors, numbers and dicts only: no pickled code
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         _set_rng(saved["rng"], args.device)

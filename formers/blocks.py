@@ -50,6 +50,9 @@ class Placement(nn.Module):
         self.residual = residual
         self.drop = nn.Dropout(dropout)
 
+    def _drop(self, u: torch.Tensor) -> torch.Tensor:
+        return self.drop(u) if self.drop.p else u  # no module call at p = 0 (per-token cost when decoding)
+
 
 @register("placement", "pre", paper="baseline", aliases=("pre_ln", "prenorm"))
 class PreNorm(Placement):
@@ -60,7 +63,7 @@ class PreNorm(Placement):
         self.norm = norm()
 
     def forward(self, x, **kw):
-        return self.residual(x, self.drop(self.fn(self.norm(x), **kw)))
+        return self.residual(x, self._drop(self.fn(self.norm(x), **kw)))
 
 
 @register("placement", "post", paper="baseline", aliases=("post_ln", "postnorm"))
@@ -74,7 +77,7 @@ class PostNorm(Placement):
         self.norm = norm()
 
     def forward(self, x, **kw):
-        return self.norm(self.residual(x, self.drop(self.fn(x, **kw))))
+        return self.norm(self.residual(x, self._drop(self.fn(x, **kw))))
 
 
 @register("placement", "peri", paper="P77", aliases=("sandwich",))
@@ -90,7 +93,7 @@ class PeriNorm(Placement):
         self.norm_in, self.norm_out = norm(), norm()
 
     def forward(self, x, **kw):
-        return self.residual(x, self.drop(self.norm_out(self.fn(self.norm_in(x), **kw))))
+        return self.residual(x, self._drop(self.norm_out(self.fn(self.norm_in(x), **kw))))
 
 
 @register("placement", "lns", paper="P61", aliases=("layernorm_scaling",))
@@ -113,7 +116,7 @@ class LNSNorm(PreNorm):
         self.scale = (layer + 1) ** -0.5
 
     def forward(self, x, **kw):
-        return self.residual(x, self.drop(self.fn(self.norm(x) * self.scale, **kw)))
+        return self.residual(x, self._drop(self.fn(self.norm(x) * self.scale, **kw)))
 
 
 # ------------------------------------------------------------------------------------------------------- block

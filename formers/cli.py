@@ -227,6 +227,10 @@ def _cmd_bench(a) -> int:
         from formers.bench.lra import main as bench_lra
 
         return bench_lra(a.args)
+    if a.what == "speed":
+        from formers.bench.speed import main as bench_speed
+
+        return bench_speed(a.args)
     raise FormersError(f"unknown benchmark '{a.what}'")
 
 
@@ -301,8 +305,9 @@ def make_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=_cmd_moefy)
 
     b = sub.add_parser("bench", help="benchmarks writing results/*.json and PNGs")
-    b.add_argument("what", choices=["attention", "lra"],
-                   help="attention: every mixer's time and memory vs length; lra: Long Range Arena (P29)")
+    b.add_argument("what", choices=["attention", "lra", "speed"],
+                   help="attention: every mixer's time and memory vs length; lra: Long Range Arena (P29); speed: "
+                   "formers against x-transformers and HF transformers on the same models")
     b.add_argument("args", nargs=argparse.REMAINDER, help="options of that benchmark (see --help after its name)")
     b.set_defaults(fn=_cmd_bench)
 

@@ -58,9 +58,10 @@ def time_calls(fn: Callable[[], Any], reps: int = 3, budget_s: float = 20.0) -> 
 
 
 def machine_peak_gflops() -> float:
-    """Median of 10 runs of torch.mm on preallocated 2048x2048 fp32 tensors (DESIGN §5)."""
+    """Median of 10 runs of torch.mm on preallocated 2048x2048 fp32 tensors after 3 warm-up runs (DESIGN §5)."""
     a, b, c = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
-    torch.mm(a, b, out=c)
+    for _ in range(3):  # warm-up: thread pool, page faults, clocks; a cold first run under-states the peak
+        torch.mm(a, b, out=c)
     times = []
     for _ in range(10):
         t = time.perf_counter()

@@ -1,5 +1,6 @@
 """Bidirectional encoder (BERT-style) with a classification head: sequence classification with cls or mean pooling,
-or token classification (one label per position)."""
+or token classification (one label per position). Variable-length batches can run packed (P37 ByteTransformer):
+`forward_packed(ids, seqlens)`, or `forward(idx, mask=..., packed=True)` / `Encoder(packed=True)` on a padded batch."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from formers.models.base import SequenceModel
 from formers.nn.hooks import clear_aux
+from formers.nn.packed import check_seqlens, pack, positions_in_sequence, sequence_ids, unpack
 from formers.registry import FormersError, register
 
 
@@ -19,6 +21,16 @@ class Encoder(SequenceModel):
 
     sequence: logits = W pool(Norm(Stack(Embed(ids) + Pos))) with pool = cls token or masked mean; (B, N) -> (B, C).
     token:    logits = W h_i per position; (B, N) -> (B, N, C).
+
+    Packed (P37 ByteTransformer, `formers.nn.packed`): `forward_packed(ids (T,) or (1, T), seqlens)` runs the
+    embedding, every norm, FFN and residual on the T packed tokens only and attention per sequence; the cls token
+    is inserted at the start of each sequence inside the pack, positions (learned, sinusoidal, rotary) restart at 0
+    in each sequence, mean pooling is a per-sequence segment sum. It returns (S, C) for level='sequence' and
+    (T, C) for level='token', equal to the padded forward with a key-padding mask on the valid tokens (tested).
+    `packed=True` (constructor default or per call) makes `forward(idx, mask=...)` pack the right-padded batch,
+    run `forward_packed` and unpack: the same call, no compute on padding; token logits at padded positions are 0.
+    Packing assumes position-wise channel mixers and norms (not batch statistics, MoE capacity or convolutions
+    over the sequence) and a token mixer that takes `seqlens` (softmax and its hook-based variants; others raise).
     """
 
     causal = False
@@ -26,12 +38,12 @@ class Encoder(SequenceModel):
     def __init__(self, vocab: int = 256, dim: int = 256, depth: int = 4, max_len: int = 1024,
                  position: Any = "learned", block: dict | None = None, layers: dict | None = None,
                  stack: Any = "plain", num_classes: int = 2, pool: Literal["cls", "mean"] = "cls",
-                 level: Literal["sequence", "token"] = "sequence", dropout: float = 0.0):
+                 level: Literal["sequence", "token"] = "sequence", dropout: float = 0.0, packed: bool = False):
         if pool not in ("cls", "mean"):
             raise FormersError(f"model.pool: expected 'cls' or 'mean', got {pool!r}")
         if level not in ("sequence", "token"):
             raise FormersError(f"model.level: expected 'sequence' or 'token', got {level!r}")
-        self.pool, self.level = pool, level
+        self.pool, self.level, self.packed = pool, level, packed
         use_cls = pool == "cls" and level == "sequence"
         super().__init__(vocab, dim, depth, max_len + int(use_cls), position, block, layers, stack, dropout)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if use_cls else None
@@ -66,8 +78,85 @@ class Encoder(SequenceModel):
                 x = (x * w).sum(1) / w.sum(1).clamp_min(1.0)
         return x if pre_logits else self.head(x)
 
-    def forward(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None,
+                packed: bool | None = None) -> torch.Tensor:
+        """ids (B, N), mask (B, N) -> logits (B, C) or (B, N, C). `packed` (default: the model's setting) removes
+        the padding inside (needs right-padded rows); without a mask there is no padding and nothing to pack."""
+        if (self.packed if packed is None else packed) and mask is not None:
+            return self._forward_padded_as_packed(idx, mask)
         return self.forward_head(self.forward_features(idx, mask=mask), mask=mask)
+
+    # ---- packed variable-length batches (P37)
+    def _forward_padded_as_packed(self, idx: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if type(self).forward_features is not Encoder.forward_features:
+            raise FormersError(f"model '{type(self).__name__}' does not run packed; use packed=False")
+        if idx.dim() != 2 or mask.shape != idx.shape:
+            raise FormersError(f"packed forward: expected ids (batch, length) and a mask of the same shape, got "
+                               f"{tuple(idx.shape)} and {tuple(mask.shape)}")
+        mask = mask.bool()
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            raise FormersError("packed forward needs right-padded rows (each row's valid tokens first, then "
+                               "padding), as positions count from each row's first token; use packed=False")
+        ids, seqlens = pack(idx, mask)
+        logits = self.forward_packed(ids, seqlens)
+        return logits if self.level == "sequence" else unpack(logits, seqlens, mask=mask)  # (B, N, C), 0 at pads
+
+    def _absolute_at(self, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The absolute position encoding (T, D) at per-token positions `pos` (T,)."""
+        p = self.position
+        if pos.numel() and int(pos.max()) >= self.max_len:
+            raise FormersError(f"a packed sequence of {int(pos.max()) + 1} tokens (cls included) exceeds "
+                               f"max_len={self.max_len}; set model.max_len higher")
+        if isinstance(getattr(p, "emb", None), torch.Tensor):  # learned table (max_len, D)
+            return p.emb[pos]
+        if hasattr(p, "table"):  # sinusoidal
+            return p.table(pos).to(dtype)
+        raise FormersError(f"position '{type(p).__name__}' has no per-token table for packed sequences; use "
+                           "learned, sinusoidal, rope, alibi or none")
+
+    def forward_features_packed(self, idx: torch.Tensor, seqlens: torch.Tensor) -> torch.Tensor:
+        """Packed ids (T,) or (1, T) with cumulative offsets `seqlens` (S + 1,) -> hidden states (1, T', D).
+
+        Without a cls token T' = T, in the order of the ids. With one (pool='cls', level='sequence') T' = T + S:
+        sequence i's cls token sits at packed row seqlens[i] + i, followed by its tokens."""
+        if idx.dim() == 2 and idx.shape[0] == 1:
+            idx = idx[0]
+        if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise FormersError(f"forward_packed: expected packed integer token ids of shape (T,) or (1, T), got "
+                               f"{tuple(idx.shape)} {idx.dtype}")
+        seqlens = check_seqlens(seqlens.to(idx.device), idx.shape[0])
+        clear_aux(self)  # auxiliary losses describe this forward pass only
+        x = self.embed(idx)  # (T, D)
+        if self.cls_token is not None:
+            S, T = len(seqlens) - 1, idx.shape[0]
+            shift = torch.arange(S + 1, device=idx.device)
+            cls_rows = seqlens[:-1] + shift[:-1]  # (S,): where each cls token goes
+            tok_rows = torch.arange(T, device=idx.device) + sequence_ids(seqlens) + 1  # (T,)
+            src = torch.empty(T + S, dtype=torch.long, device=idx.device)
+            src[tok_rows] = torch.arange(T, device=idx.device)
+            src[cls_rows] = T  # row T of the table below is the cls token
+            x = torch.cat([x, self.cls_token[0]]).index_select(0, src)  # (T + S, D)
+            seqlens = seqlens + shift
+        if getattr(self.position, "kind", "") == "absolute":
+            x = x + self._absolute_at(positions_in_sequence(seqlens), x.dtype)
+        x = self.stack(self.drop(x[None]), mask=None, positions=self._relative_positions(), cache=None,
+                       seqlens=seqlens)
+        return self.norm(x)
+
+    def forward_packed(self, idx: torch.Tensor, seqlens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Packed ids (T,) or (1, T), cumulative offsets `seqlens` (S + 1,) -> logits (S, C) for level='sequence'
+        or (T, C) for level='token' (the pooled / per-token features instead with `pre_logits`)."""
+        h = self.forward_features_packed(idx, seqlens)[0]  # (T', D)
+        seqlens = seqlens.to(h.device).long()
+        if self.level == "token":
+            x = h
+        elif self.cls_token is not None:
+            x = h[seqlens[:-1] + torch.arange(len(seqlens) - 1, device=h.device)]  # (S, D): each cls row
+        else:  # mean over each sequence: segment sums
+            S = len(seqlens) - 1
+            sums = h.new_zeros(S, h.shape[1]).index_add(0, sequence_ids(seqlens), h)  # (S, D)
+            x = sums / seqlens.diff().clamp_min(1).to(h.dtype)[:, None]
+        return x if pre_logits else self.head(x)
 
     def reset_classifier(self, num_classes: int) -> None:
         w = self.head.weight

@@ -39,6 +39,11 @@ class LM(SequenceModel):
         if tie_embeddings:
             self.head.weight = self.embed.weight
 
+    def new_cache(self, capacity: int = 0) -> list[KVCache]:
+        """One empty KVCache per block application; `capacity` (tokens) pre-sizes the softmax key/value buffers
+        of decoding so that they are allocated once (0: sized by the first update, doubled when full)."""
+        return [KVCache(capacity) for _ in range(self.stack.num_applications)]
+
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return x if pre_logits else self.head(x)
 
@@ -110,17 +115,23 @@ class LM(SequenceModel):
                                "of the absolute positions; ask for fewer tokens")
         was_training = self.training
         self.eval()
+        B, N = idx.shape
+        total = N + max_new_tokens
+        out = torch.empty(B, total, dtype=torch.long, device=idx.device)  # filled in place, not re-concatenated
+        out[:, :N] = idx
         # mixers without an exact incremental form (e.g. ProbSparse) make generation recompute every step
         use_cache = use_cache and all(getattr(m, "supports_cache", True) for m in self.modules())
-        cache = self.new_cache() if use_cache else None
-        logits = self(idx, cache=cache)[:, -1]
-        for _ in range(max_new_tokens):
-            nxt = sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
-                         generator=generator)  # (B, 1)
-            idx = torch.cat([idx, nxt], dim=1)
-            logits = self(nxt, cache=cache)[:, -1] if use_cache else self(idx)[:, -1]
+        # every token but the last generated one goes through the stack: the cache never grows past that
+        cache = self.new_cache(capacity=total - 1) if use_cache else None
+        logits = self(idx, cache=cache)[:, -1]  # (B, V)
+        for t in range(N, total):
+            nxt = out.narrow(1, t, 1)  # (B, 1)
+            nxt.copy_(sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
+                             generator=generator))
+            if t + 1 < total:  # the last token's logits would go unused
+                logits = (self(nxt, cache=cache) if use_cache else self(out.narrow(1, 0, t + 1)))[:, -1]
         self.train(was_training)
-        return idx
+        return out
 
 
 def _copy_cache(c: KVCache) -> KVCache:

@@ -4,7 +4,14 @@
 
 The fast path is `F.scaled_dot_product_attention` (`is_causal=True` rather than a mask tensor where it can);
 the explicit path materialises the score matrix for subclasses that modify it (`score_mod`). Both are tested
-against a naive softmax(QK^T)V written in the tests.
+against a naive softmax(QK^T)V written in the tests. Further fast paths (issue 10; tests/test_fast_paths.py checks
+each against the plain computation):
+
+- fused QKV: in training, self-attention takes q, k, v from one matmul with the stacked weight [W_q; W_kv] (the
+  parameters stay `q` and `kv`); skipped when `project` is overridden or q/kv are not plain hook-free nn.Linear;
+- no mask tensor when nothing is masked: a single causal query (a decoding step) sees every cached key;
+- GQA through SDPA's `enable_gqa` (torch >= 2.5) instead of copying the shared key/value heads;
+- `KVCache` writes decoded keys/values into a pre-allocated buffer instead of re-concatenating them.
 """
 
 from __future__ import annotations
@@ -17,25 +24,70 @@ from formers.registry import FormersError, register
 
 
 class KVCache:
-    """Per-layer decoding cache. Softmax-style mixers keep keys and values (B, H_kv, L, Dh), grown along L with
+    """Per-layer decoding cache. Softmax-style mixers keep keys and values (B, H_kv, L, Dh), appended along L with
     `update`; recurrent mixers (linear attention, ...) keep whatever they need in `state` and call `advance(n)`.
-    `length` is the number of tokens seen so far (the position offset of the next token)."""
+    `length` is the number of tokens seen so far (the position offset of the next token).
 
-    def __init__(self):
-        self.k: torch.Tensor | None = None
-        self.v: torch.Tensor | None = None
+    Static storage: under `torch.no_grad()` (decoding) `update` writes into buffers (B, H_kv, capacity, Dh)
+    allocated on the first update with room for `capacity` tokens (`LM.generate` asks for exactly the tokens it
+    feeds: the prompt and every new token but the last) and doubled when full, so appending a token copies only
+    that token. `k` / `v` are views of the filled
+    part. With autograd recording (training through a cache) `update` concatenates instead, so that no tensor
+    saved for backward is ever written in place. Assigning `cache.k = t` stores `t` with no spare room: the next
+    update moves it into a fresh buffer, so a cache built from another cache's tensors (`_copy_cache`) never writes
+    into the other's storage."""
+
+    def __init__(self, capacity: int = 0):
+        self.capacity = capacity
+        self._k: torch.Tensor | None = None  # storage (B, H, cap, Dh); the first `_n` positions are filled
+        self._v: torch.Tensor | None = None
+        self._n = 0
         self.state: dict[str, torch.Tensor] = {}
         self.length = 0
 
+    @property
+    def k(self) -> torch.Tensor | None:
+        buf = self._k
+        return buf if buf is None or buf.shape[2] == self._n else buf.narrow(2, 0, self._n)
+
+    @k.setter
+    def k(self, t: torch.Tensor | None) -> None:
+        self._k = t
+        self._n = 0 if t is None else t.shape[2]
+
+    @property
+    def v(self) -> torch.Tensor | None:
+        buf = self._v
+        return buf if buf is None or buf.shape[2] == self._n else buf.narrow(2, 0, self._n)
+
+    @v.setter
+    def v(self, t: torch.Tensor | None) -> None:
+        self._v = t
+        self._n = 0 if t is None else t.shape[2]
+
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append new keys/values (B, H, n, Dh); returns all of them; advances `length` by n."""
-        if self.k is None:
-            self.k, self.v = k, v
+        """Append new keys/values (B, H, n, Dh); returns all of them (B, H, L, Dh); advances `length` to L."""
+        start, end = self._n, self._n + k.shape[2]
+        if torch.is_grad_enabled():  # autograd records: build new tensors, never write in place
+            if self._k is None:
+                self._k, self._v = k, v
+            else:
+                self._k, self._v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
         else:
-            self.k = torch.cat([self.k, k], dim=2)
-            self.v = torch.cat([self.v, v], dim=2)
-        self.length = self.k.shape[2]
+            if self._k is None or end > self._k.shape[2] or end > self._v.shape[2]:  # first update, or full
+                room = max(end, self.capacity, 0 if self._k is None else 2 * self._k.shape[2])
+                self._k, self._v = self._moved(self._k, k, room), self._moved(self._v, v, room)
+            self._k.narrow(2, start, end - start).copy_(k)
+            self._v.narrow(2, start, end - start).copy_(v)
+        self._n = self.length = end
         return self.k, self.v
+
+    def _moved(self, buf: torch.Tensor | None, new: torch.Tensor, room: int) -> torch.Tensor:
+        """A fresh buffer (B, H, room, Dh) (shaped and typed like `new`) holding the filled part of `buf`."""
+        out = new.new_empty(new.shape[0], new.shape[1], room, new.shape[3])
+        if buf is not None and self._n:
+            out.narrow(2, 0, self._n).copy_(buf.narrow(2, 0, self._n))
+        return out
 
     def advance(self, n: int) -> None:
         """For mixers that keep a recurrent state instead of keys: n more tokens were consumed."""
@@ -56,6 +108,20 @@ def attention_mask(nq: int, nk: int, *, causal: bool, past: int = 0, key_mask: t
         km = key_mask.bool()[:, None, None, :]  # (B, 1, 1, Nk)
         allowed = km if allowed is None else allowed & km
     return allowed
+
+
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # `enable_gqa` came in torch 2.5
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """SDPA for q (B, H, Nq, Dh) and k, v (B, Hkv, Nk, Dh), Hkv dividing H (GQA: each group of H/Hkv query heads
+    shares one key/value head); without copying the shared heads where torch can."""
+    H, Hkv = q.shape[1], k.shape[1]
+    if Hkv != H:
+        if _SDPA_GQA:
+            return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+        k, v = k.repeat_interleave(H // Hkv, dim=1), v.repeat_interleave(H // Hkv, dim=1)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
 
 
 @register("mixer", "softmax", paper="baseline", causal_ok=True, aliases=("mha", "attention"))
@@ -113,60 +179,103 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, positions=None,
                 cache: KVCache | None = None, context: torch.Tensor | None = None,
                 seqlens: torch.Tensor | None = None, **unused) -> torch.Tensor:
-        if seqlens is not None:
-            raise FormersError("the softmax mixer does not take packed `seqlens` yet (packed batches: issue 10)")
+        if seqlens is not None:  # packed variable-length batch (P37): attention per sequence, formers/nn/packed.py
+            from formers.nn.packed import packed_self_attention
+            return packed_self_attention(self, x, seqlens, mask=mask, positions=positions, cache=cache,
+                                         context=context, **unused)
         if unused:
             raise FormersError(f"softmax mixer got unsupported arguments: {sorted(unused)}")
         B, N, _ = x.shape
         H, Hkv, Dh = self.heads, self.kv_heads, self.head_dim
-        src = x if context is None else context
-        M = src.shape[1]
-        q, kv = self.project(x, src, mask, cache if context is None else None)
-        q = q.view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-        k, v = kv.view(B, M, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # each (B, Hkv, M, Dh)
+        own = context is None  # self-attention: the cache, causality and positions apply
+        if own and self._fusable():
+            q, k, v = self._fused_qkv(x)  # (B, H, N, Dh), (B, Hkv, N, Dh) x 2
+        else:
+            src = x if own else context
+            M = src.shape[1]
+            q, kv = self.project(x, src, mask, cache if own else None)
+            q = q.view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+            k, v = kv.view(B, M, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # each (B, Hkv, M, Dh)
 
-        causal = self.causal and context is None
-        past = cache.length if (cache is not None and context is None) else 0
+        causal = self.causal and own
+        past = cache.length if (cache is not None and own) else 0
         bias = None
-        if positions is not None and context is None:
+        if positions is not None and own:
             q_pos = torch.arange(past, past + N, device=x.device)
-            k_pos = torch.arange(past + M, device=x.device)
-            q, k = positions.rotate(q, k, q_pos, k_pos[past:])
-        if cache is not None and context is None:
+            k_pos = torch.arange(past + N, device=x.device)
+            q, k = positions.rotate(q, k, q_pos, q_pos)
+            bias = positions.bias(q_pos, k_pos, H)  # (H, N, past + N) or None
+        if cache is not None and own:
             k, v = cache.update(k, v)  # (B, Hkv, past + N, Dh)
         Nk = k.shape[2]
-        if positions is not None and context is None:
-            bias = positions.bias(q_pos, k_pos, H)  # (H, N, Nk) or None
         if mask is not None and mask.shape != (B, Nk):
             raise FormersError(f"attention mask must have shape (batch, keys) = ({B}, {Nk}), got {tuple(mask.shape)}")
-        if Hkv != H:  # GQA: every group of H/Hkv query heads shares one key/value head
-            k = k.repeat_interleave(H // Hkv, dim=1)
-            v = v.repeat_interleave(H // Hkv, dim=1)
 
         drop = self.dropout if self.training else 0.0
-        simple_causal = causal and past == 0 and mask is None and bias is None and N == Nk
-        if simple_causal and not self._needs_explicit():
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True, scale=self.scale)
-        else:
-            allowed = attention_mask(N, Nk, causal=causal, past=past, key_mask=mask, device=x.device)
+        # query i sits at position past + i and sees keys 0..past + i: with Nk <= past + 1 (a decoding step, one
+        # query after `past` cached keys) the causal mask is all True and is dropped
+        needs_causal = causal and Nk > past + 1
+        if self._needs_explicit():
+            if Hkv != H:  # GQA: every group of H/Hkv query heads shares one key/value head
+                k = k.repeat_interleave(H // Hkv, dim=1)
+                v = v.repeat_interleave(H // Hkv, dim=1)
+            allowed, empty = self._allowed(N, Nk, causal, past, mask, x.device)
+            y = self._explicit(q, k, v, allowed, bias, drop)
+        elif mask is None and bias is None and (not needs_causal or (past == 0 and N == Nk)):
+            # no mask tensor: nothing is masked, or a fresh causal block (is_causal)
+            y = _sdpa(q, k, v, dropout_p=drop, is_causal=needs_causal, scale=self.scale)
             empty = None
-            if allowed is not None:
-                empty = ~allowed.any(-1, keepdim=True)  # rows with no key at all
-                allowed = allowed | empty  # attend anywhere, zeroed below: keeps values and gradients finite
-            if self._needs_explicit():
-                y = self._explicit(q, k, v, allowed, bias, drop)
-            else:
-                attn_mask = allowed
-                if bias is not None:
-                    attn_mask = bias.to(q.dtype)[None]
-                    if allowed is not None:
-                        attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
-                y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=self.scale)
-            if empty is not None and bool(empty.any()):
-                y = y.masked_fill(empty, 0.0)
+        else:
+            allowed, empty = self._allowed(N, Nk, needs_causal, past, mask, x.device)
+            attn_mask = allowed
+            if bias is not None:
+                attn_mask = bias.to(q.dtype)[None]
+                if allowed is not None:
+                    attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
+            y = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=self.scale)
+        if empty is not None and bool(empty.any()):
+            y = y.masked_fill(empty, 0.0)
         y = self.output_mod(y, x)
         y = y.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, H*Dh)
         return self.out(y)
+
+    def _fusable(self) -> bool:
+        """Whether q, k, v may come from one matmul: `project` not overridden (by a subclass or on the instance)
+        and `q`, `kv` plain hook-free nn.Linear layers."""
+        q, kv = self.q, self.kv
+        return (type(self).project is SoftmaxAttention.project and "project" not in self.__dict__
+                and type(q) is nn.Linear and type(kv) is nn.Linear and not (
+                    q._forward_hooks or q._forward_pre_hooks or kv._forward_hooks or kv._forward_pre_hooks))
+
+    def _fused_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Self-attention q (B, H, N, Dh), k, v (B, Hkv, N, Dh), equal to `project` (the tests compare values and
+        gradients). With autograd recording (training) one matmul with the stacked weight [W_q; W_kv]
+        ((H + 2 Hkv) Dh, D); without (decoding, evaluation) two, since stacking copies the weights on every call,
+        as much memory traffic as the matmul itself when a single token is decoded."""
+        B, N, _ = x.shape
+        H, Hkv, Dh = self.heads, self.kv_heads, self.head_dim
+        wq, bq, wkv, bkv = self.q.weight, self.q.bias, self.kv.weight, self.kv.bias
+        if not torch.is_grad_enabled():
+            q = F.linear(x, wq, bq).view(B, N, H, Dh).transpose(1, 2)
+            k, v = F.linear(x, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)
+            return q, k, v
+        b = None
+        if bq is not None or bkv is not None:  # a folded norm (P54) may give only one of them a bias
+            b = torch.cat([bq if bq is not None else wq.new_zeros(H * Dh),
+                           bkv if bkv is not None else wkv.new_zeros(2 * Hkv * Dh)])
+        qkv = F.linear(x, torch.cat([wq, wkv]), b)  # (B, N, (H + 2 Hkv) Dh)
+        q, k, v = qkv.view(B, N, H + 2 * Hkv, Dh).split([H, Hkv, Hkv], dim=2)  # (B, N, h, Dh) each
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    @staticmethod
+    def _allowed(nq, nk, causal, past, key_mask, device):
+        """The boolean mask (or None) and the rows left with no key at all (or None); those rows are opened to
+        every key (finite values and gradients) and zeroed after the attention."""
+        allowed = attention_mask(nq, nk, causal=causal, past=past, key_mask=key_mask, device=device)
+        if key_mask is None:  # a causal query always sees key 0: no empty rows
+            return allowed, None
+        empty = ~allowed.any(-1, keepdim=True)
+        return allowed | empty, empty
 
     def _explicit(self, q, k, v, allowed, bias, drop):
         scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Nq, Nk)

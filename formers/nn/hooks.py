@@ -27,6 +27,8 @@ def report_aux(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 def clear_aux(model: nn.Module) -> None:
     """Forget every auxiliary loss reported under `model` (called by models at the start of a forward pass)."""
+    if not any(_AUX.values()):  # nothing reported anywhere: skip the walk over the modules (every decoded token)
+        return
     for m in model.modules():
         store = _AUX.get(m)
         if store:

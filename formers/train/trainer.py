@@ -9,6 +9,10 @@ Under torchrun (`formers train RECIPE --nproc N`) the same loop runs data-parall
 `train.batch_size` is the global batch, every rank draws it from the shared data generator and trains on its
 slice, rank 0 alone writes the run folder, the log and the progress bar, and checkpoints hold full tensors, so a
 run saved by N processes resumes in any number of them (docs/distributed.md).
+
+`train.compile=true` runs the training forward through `torch.compile` (inductor): the compiled wrapper is called
+by the training step alone; checkpoints, final weights, evaluation and sampling use the eager model, so saved
+state dicts carry no `_orig_mod.` prefix and an evaluation or generation never triggers a compile (docs/training.md).
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ from formers.train.checkpoint import (
 )
 from formers.train.optim import param_groups
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # torch.compile's modes (train.compile_mode)
+
 
 @dataclass
 class TrainConfig:
@@ -66,6 +72,8 @@ class TrainConfig:
     precision: str = "auto"           # auto | fp32 | bf16 | fp16 autocast (auto: bf16 on a GPU that runs it, else fp32)
     parallel: str = "ddp"             # with several processes: ddp (replicate) | fsdp (shard params, grads, optimizer)
     dist_timeout: float = 300.0       # seconds a rank waits for the others in a collective before failing
+    compile: bool = False             # torch.compile the training forward (evaluation and sampling stay eager)
+    compile_mode: str = "default"     # default | reduce-overhead | max-autotune (torch.compile's mode; with compile)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -79,7 +87,7 @@ class TrainConfig:
             if getattr(tc, k) < 1:
                 raise FormersError(f"train.{k}: must be >= 1, got {getattr(tc, k)}")
         for k, allowed in (("device", distributed.DEVICES), ("precision", distributed.PRECISIONS),
-                           ("parallel", distributed.PARALLEL)):
+                           ("parallel", distributed.PARALLEL), ("compile_mode", COMPILE_MODES)):
             if getattr(tc, k) not in allowed:
                 raise FormersError(f"train.{k}: unknown value '{getattr(tc, k)}'{_hint(getattr(tc, k), allowed)}; "
                                    f"use one of {', '.join(allowed)}")
@@ -91,8 +99,8 @@ class TrainConfig:
 
 
 # options that say how to run, not what to train: a run may resume with them changed (on another machine, on more
-# processes or none), and with more or fewer steps
-HOW_TO_RUN = ("threads", "progress", "device", "precision", "parallel", "dist_timeout")
+# processes or none, compiled or not), and with more or fewer steps
+HOW_TO_RUN = ("threads", "progress", "device", "precision", "parallel", "dist_timeout", "compile", "compile_mode")
 EXECUTION_OPTIONS = ("steps", *HOW_TO_RUN)
 
 
@@ -201,6 +209,8 @@ class Trainer:
             self.total = tc.steps
         # what the training step calls: a DDP wrapper, the model sharded in place by FSDP, or the model itself
         self.net = distributed.wrap(self.model, self.dist)
+        # ... and with train.compile, torch.compile's wrapper around that (the training forward only)
+        self.step_net = compile_for_training(self.net, tc, self.dist)
         self.scaler = distributed.grad_scaler(self.dist)
         self.optimizer = build_optimizer(self.model, tc)
         self.schedule = build_schedule(tc)
@@ -266,6 +276,8 @@ class Trainer:
             metrics_path.unlink()
 
         model.train()
+        if tc.compile and dist.main and start < self.total:
+            print("train.compile: the first step compiles the model, which may take minutes on a CPU")
         log = open(metrics_path if dist.main else os.devnull, "a")  # rank 0 alone writes the log
         bar = _progress(self.total, start, tc.progress and dist.main)
         t0, tokens, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
@@ -283,8 +295,8 @@ class Trainer:
                     # the global batch from the shared generator; this rank keeps its rows
                     batch = distributed.local_rows(task.train_batch(tc.batch_size, data_gen), dist, tc.batch_size)
                     with distributed.grad_sync(self.net, dist, last=i == tc.accum - 1):  # no_sync until the last
-                        with distributed.autocast(dist):
-                            loss = task.loss(self.net, batch)
+                        with distributed.autocast(dist), compiling(tc):
+                            loss = task.loss(self.step_net, batch)
                             aux = aux_losses(model)
                             total_loss = loss + sum(aux.values()) if aux else loss
                         total_loss = total_loss / tc.accum
@@ -333,6 +345,12 @@ class Trainer:
                 if stopped_early:
                     bar.write(f"early stop at step {done}: {task.metric} did not improve for {tc.patience} evals")
                     break
+        except Exception as e:
+            if tc.compile and isinstance(e, torch._dynamo.exc.BackendCompilerFailed):
+                raise FormersError(f"train.compile=true: torch.compile failed: {str(e).strip().splitlines()[0]}; "
+                                   "fix that (on a CPU inductor needs a C++ compiler: gcc, or CXX=...) or set "
+                                   "train.compile=false") from e
+            raise
         finally:
             bar.close()
             log.close()
@@ -405,6 +423,30 @@ class Trainer:
             lines += ["## Sample", "", "```", sample, "```", ""]
         lines += ["## Config", "", "```yaml", C.dump(self.cfg).rstrip(), "```", ""]
         _atomic_text(self.run_dir / "summary.md", "\n".join(lines))
+
+
+def compile_for_training(net: torch.nn.Module, tc: TrainConfig, dist: distributed.Dist) -> torch.nn.Module:
+    """The module the training step calls: `net` itself, or with `train.compile` torch.compile's wrapper around it,
+    a new object, so that `net` and the model inside it stay eager for checkpoints (no `_orig_mod.` keys),
+    evaluation and sampling, which would otherwise compile again for eval mode and every new length.
+
+    The wrapper goes around the distributed wrapper. DDP: as torch recommends, dynamo's DDPOptimizer cuts the graph
+    at the gradient buckets, so their all-reduce still overlaps the backward. FSDP2: its hooks are marked
+    `torch._dynamo.disable` (torch/distributed/fsdp/_fully_shard/_fsdp_common.py), so the graph is cut at every
+    sharding unit (each block) and the gathers and reduce-scatters run eagerly between compiled blocks: per-block
+    compilation without compiling the blocks in place."""
+    if not tc.compile:
+        return net
+    return torch.compile(net, mode=None if tc.compile_mode == "default" else tc.compile_mode)
+
+
+def compiling(tc: TrainConfig):
+    """Around each compiled training forward: integers held by modules (`PRepBN.t`, the step that `set_step` hands
+    out) become symbolic once they change, instead of one recompile per value until torch's recompile limit
+    (8; the model would then run eagerly). Nothing without `train.compile`."""
+    if not tc.compile:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -1,0 +1,581 @@
+"""`formers bench speed`: formers against the peers a user would pick instead, on the same model (issue 10).
+
+Rows (DESIGN §5: ratios measured in one process, repetitions interleaved, median after warm-up, both sides eager at
+the same thread count; "same model" shown by equal parameter counts and, where the weights map, equal logits):
+
+- `lm_train`: a training step (forward, backward, AdamW) of a decoder-only LM, vocab 256, dim 256, depth 4, heads 4,
+  seq 256, batch 8, against x-transformers at its defaults and at `attn_flash=True` (its SDPA path).
+- `generate`: cached greedy generation, batch 1, 256 new tokens after a 32-token prompt, against x-transformers'
+  cached generation (same model as above) and HF GPT-2 of the same dimensions (weights copied into a GPT-2-shaped
+  formers LM, logits checked equal to 1e-5 before timing; HF at `attn_implementation="sdpa"`).
+- `vit_forward`: ViT-Tiny (patch 16, dim 192, depth 12, heads 3) at 224x224, batch 8, inference, against HF
+  `ViTForImageClassification` of the same config with the same weights (logits equal to 1e-5).
+- `packed_encoder`: an encoder (dim 256, depth 4, heads 4, FFN 4x) on 32 sequences with lengths uniform in
+  [16, 512], packed (P37) against the same encoder padded with a key-padding mask; outputs equal on valid tokens.
+- MFU of each LM training row against the machine's measured peak: the median of 10 `torch.mm(a, b, out=c)` on
+  preallocated 2048x2048 fp32 tensors, taken just before; model FLOPs per token = 6 x (matmul weights including the
+  output projection, excluding embedding lookups) + 6 x layers x seq x dim (causal attention).
+
+`--recipe NAME` adds a training-step row for a recipe's own model at its batch size and sequence length (with an
+x-transformers row when the model is a plain softmax LM that maps onto x-transformers' Decoder).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from formers.bench.harness import meta
+from formers.registry import FormersError
+
+VOCAB, DIM, DEPTH, HEADS, SEQ, BATCH = 256, 256, 4, 4, 256, 8
+PROMPT, NEW = 32, 256
+ROWS = ("lm_train", "generate", "vit_forward", "packed_encoder")
+FLOPS_FORMULA = ("6 * (matmul weights incl. the output projection, excl. embedding lookups) "
+                 "+ 6 * layers * seq * dim (causal attention)")
+
+
+# ------------------------------------------------------------------------------------------------------- timing
+
+def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per call of each side, the sides alternating inside every repetition (the order flips each time)
+    so that machine noise hits them alike. Returns every repetition's time per side."""
+    names = list(sides)
+    for _ in range(warmup):
+        for n in names:
+            sides[n]()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(reps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            sides[n]()
+            times[n].append(time.perf_counter() - t)
+    return times
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def lm_flops_per_token(model: torch.nn.Module, layers: int, seq: int, dim: int) -> int:
+    """The issue's formula: 6 x every nn.Linear weight (the output projection included; embeddings are lookups)
+    + 6 x layers x seq x dim for causal attention."""
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    return 6 * linear + 6 * layers * seq * dim
+
+
+# ------------------------------------------------------------------------------------------------------- models
+
+def formers_lm(max_len: int = SEQ, gpt2: bool = False, **over):
+    """The benchmark's LM: Pre-LN, GELU MLP x4, learned positions, tied embeddings. `gpt2=True` gives GPT-2's
+    layout (LayerNorm and linear biases, tanh GELU) so that HF GPT-2 weights map onto it."""
+    import formers
+
+    if gpt2:
+        block = {"placement": "pre", "norm": {"name": "layernorm", "eps": 1e-5},
+                 "mixer": {"name": "softmax", "heads": HEADS, "bias": True},
+                 "ffn": {"name": "mlp", "act": {"name": "gelu", "approximate": "tanh"}, "mult": 4}}
+    else:
+        block = {"placement": "pre", "norm": {"name": "layernorm", "bias": False},
+                 "mixer": {"name": "softmax", "heads": HEADS}, "ffn": {"name": "mlp", "act": "gelu", "mult": 4}}
+    kw = dict(vocab=VOCAB, dim=DIM, depth=DEPTH, max_len=max_len, position="learned", block=block,
+              tie_embeddings=gpt2)
+    kw.update(over)
+    return formers.create_model("lm", **kw)
+
+
+def xt_lm(max_len: int = SEQ, flash: bool = False, dim: int = DIM, depth: int = DEPTH, heads: int = HEADS,
+          vocab: int = VOCAB):
+    from x_transformers import Decoder, TransformerWrapper
+
+    return TransformerWrapper(num_tokens=vocab, max_seq_len=max_len,
+                              attn_layers=Decoder(dim=dim, depth=depth, heads=heads, attn_flash=flash))
+
+
+def hf_gpt2(max_len: int):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=DIM, n_layer=DEPTH, n_head=HEADS, n_positions=max_len,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=None,
+                     pad_token_id=0, attn_implementation="sdpa")
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@torch.no_grad()
+def gpt2_into_formers(hf, ours) -> None:
+    """Copy HF GPT-2 weights into the GPT-2-shaped formers LM. GPT-2's Conv1D keeps weights as (in, out)."""
+    sd = hf.transformer
+    ours.embed.weight.copy_(sd.wte.weight)
+    ours.position.emb.copy_(sd.wpe.weight[: ours.position.emb.shape[0]])
+    for h, b in zip(sd.h, ours.stack.blocks):
+        a, f = b.attn.fn, b.ffn.fn
+        w, bias = h.attn.c_attn.weight.t(), h.attn.c_attn.bias  # (3D, D): q, k, v
+        a.q.weight.copy_(w[:DIM]), a.q.bias.copy_(bias[:DIM])
+        a.kv.weight.copy_(w[DIM:]), a.kv.bias.copy_(bias[DIM:])
+        a.out.weight.copy_(h.attn.c_proj.weight.t()), a.out.bias.copy_(h.attn.c_proj.bias)
+        b.attn.norm.weight.copy_(h.ln_1.weight), b.attn.norm.bias.copy_(h.ln_1.bias)
+        f.fc1.weight.copy_(h.mlp.c_fc.weight.t()), f.fc1.bias.copy_(h.mlp.c_fc.bias)
+        f.fc2.weight.copy_(h.mlp.c_proj.weight.t()), f.fc2.bias.copy_(h.mlp.c_proj.bias)
+        b.ffn.norm.weight.copy_(h.ln_2.weight), b.ffn.norm.bias.copy_(h.ln_2.bias)
+    ours.norm.weight.copy_(sd.ln_f.weight), ours.norm.bias.copy_(sd.ln_f.bias)
+    if not getattr(ours, "tie_embeddings", True):
+        ours.head.weight.copy_(hf.lm_head.weight)
+
+
+def formers_vit():
+    import formers
+
+    return formers.create_model("vit_tiny_patch16_224", num_classes=1000).eval()
+
+
+def hf_vit():
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
+                    image_size=224, patch_size=16, num_labels=1000, layer_norm_eps=1e-6, qkv_bias=True,
+                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    return ViTForImageClassification(cfg).eval()
+
+
+@torch.no_grad()
+def vit_into_hf(ours, hf) -> None:
+    """Copy the formers ViT's weights into HF's ViT (transformers 5 layout: vit.layers.i.attention.{q,k,v,o}_proj,
+    mlp.fc1/fc2, layernorm_before/after), loaded strictly so that a missed or extra key is an error."""
+    D = ours.dim
+    src = ours.state_dict()
+    sd = {"vit.embeddings.cls_token": src["cls_token"], "vit.embeddings.position_embeddings": src["pos.emb"][None],
+          "vit.embeddings.patch_embeddings.projection.weight": src["patch_embed.proj.weight"],
+          "vit.embeddings.patch_embeddings.projection.bias": src["patch_embed.proj.bias"],
+          "vit.layernorm.weight": src["norm.weight"], "vit.layernorm.bias": src["norm.bias"],
+          "classifier.weight": src["head.weight"], "classifier.bias": src["head.bias"]}
+    for i in range(ours.depth):
+        o, h = f"stack.blocks.{i}.", f"vit.layers.{i}."
+        for t in ("weight", "bias"):
+            kv = src[o + f"attn.fn.kv.{t}"]
+            sd[h + f"attention.q_proj.{t}"] = src[o + f"attn.fn.q.{t}"]
+            sd[h + f"attention.k_proj.{t}"], sd[h + f"attention.v_proj.{t}"] = kv[:D], kv[D:]
+            sd[h + f"attention.o_proj.{t}"] = src[o + f"attn.fn.out.{t}"]
+            sd[h + f"layernorm_before.{t}"] = src[o + f"attn.norm.{t}"]
+            sd[h + f"layernorm_after.{t}"] = src[o + f"ffn.norm.{t}"]
+            sd[h + f"mlp.fc1.{t}"] = src[o + f"ffn.fn.fc1.{t}"]
+            sd[h + f"mlp.fc2.{t}"] = src[o + f"ffn.fn.fc2.{t}"]
+    hf.load_state_dict(sd, strict=True)
+
+
+def check_equal(a: torch.Tensor, b: torch.Tensor, what: str, tol: float = 1e-5) -> float:
+    """Max-abs difference of two outputs; an error when above `tol` (the comparison would not be the same model)."""
+    err = (a.float() - b.float()).abs().max().item()
+    if not err <= tol:
+        raise FormersError(f"{what}: outputs differ by {err:.2e} (> {tol:g}); the weight map is wrong, so the "
+                           "timing would not compare the same model")
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------------- rows
+
+class TrainStep:
+    """One AdamW training step of an LM on a fixed random batch."""
+
+    def __init__(self, model, batch: int, seq: int, vocab: int, seed: int = 0):
+        self.model = model.train()
+        self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+        self.vocab = vocab
+
+    def __call__(self):
+        logits = self.model(self.x[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, self.vocab), self.x[:, 1:].reshape(-1))
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _summary(times: dict[str, list[float]], work: float, unit: str) -> dict[str, Any]:
+    """Per side: median throughput (work / median seconds), all runs; ratio formers / peer."""
+    out: dict[str, Any] = {}
+    for side, ts in times.items():
+        out[f"{side}_{unit}"] = round(work / statistics.median(ts), 2)
+        out[f"{side}_runs"] = [round(work / t, 2) for t in ts]
+    out["ratio"] = round(out[f"formers_{unit}"] / out[f"peer_{unit}"], 3)
+    return out
+
+
+def row_lm_train(reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
+    rows = []
+    for setting, flash in (("default", False), ("attn_flash", True)):
+        torch.manual_seed(0)
+        ours, peer = formers_lm(), xt_lm(flash=flash)
+        po, pp = n_params(ours), n_params(peer)
+        if po != pp:
+            raise FormersError(f"lm_train: parameter counts differ ({po:,} vs {pp:,}); not the same model")
+        so, sp = TrainStep(ours, BATCH, SEQ, VOCAB), TrainStep(peer, BATCH, SEQ, VOCAB)
+
+        def run(step):
+            return lambda: [step() for _ in range(steps)]
+
+        times = interleaved({"formers": run(so), "peer": run(sp)}, reps)
+        r = {"row": "lm_train", "peer": "x-transformers", "peer_setting": setting, "params": po,
+             **_summary(times, steps * BATCH * SEQ, "tokens_per_s")}
+        fpt = lm_flops_per_token(ours, DEPTH, SEQ, DIM)
+        r["flops_per_token"] = fpt
+        r["formers_mfu"] = round(r["formers_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
+        r["peer_mfu"] = round(r["peer_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
+        rows.append(r)
+        log(f"lm_train vs x-transformers {setting:<10}: formers {r['formers_tokens_per_s']:8.0f} tok/s "
+            f"(MFU {r['formers_mfu']:.1%})  peer {r['peer_tokens_per_s']:8.0f} tok/s (MFU {r['peer_mfu']:.1%})  "
+            f"x{r['ratio']:.2f}")
+    return rows
+
+
+def row_generate(reps: int, log) -> list[dict]:
+    rows = []
+    max_len = PROMPT + NEW
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, VOCAB, (1, PROMPT), generator=g)
+
+    # x-transformers: the same model as the training row (equal parameter counts), cached greedy decoding
+    from x_transformers import AutoregressiveWrapper
+
+    torch.manual_seed(0)
+    ours = formers_lm(max_len=max_len).eval()
+    peer = AutoregressiveWrapper(xt_lm(max_len=max_len)).eval()
+    po, pp = n_params(ours), n_params(peer.net)
+    if po != pp:
+        raise FormersError(f"generate: parameter counts differ ({po:,} vs {pp:,})")
+
+    def ours_gen():
+        with torch.no_grad():
+            return ours.generate(prompt, NEW, greedy=True)
+
+    def xt_gen():
+        with torch.no_grad():
+            return peer.generate(prompt, NEW, temperature=0.0, cache_kv=True)
+
+    out_o, out_p = ours_gen(), xt_gen()
+    if out_o.shape[1] != PROMPT + NEW or out_p.shape[-1] != NEW:
+        raise FormersError(f"generate: expected {NEW} new tokens, got {out_o.shape[1] - PROMPT} and "
+                           f"{out_p.shape[-1]}")
+    times = interleaved({"formers": ours_gen, "peer": xt_gen}, reps)
+    r = {"row": "generate", "peer": "x-transformers", "peer_setting": "cache_kv=True", "params": po,
+         **_summary(times, NEW, "tokens_per_s")}
+    rows.append(r)
+    log(f"generate vs x-transformers: formers {r['formers_tokens_per_s']:7.1f} tok/s  peer "
+        f"{r['peer_tokens_per_s']:7.1f} tok/s  x{r['ratio']:.2f}")
+
+    # HF GPT-2: its weights copied into a GPT-2-shaped formers LM; logits equal before timing
+    torch.manual_seed(0)
+    hf = hf_gpt2(max_len)
+    ours = formers_lm(max_len=max_len, gpt2=True).eval()
+    gpt2_into_formers(hf, ours)
+    po, pp = n_params(ours), n_params(hf)
+    if po != pp:
+        raise FormersError(f"generate: parameter counts differ from HF GPT-2 ({po:,} vs {pp:,})")
+    x = torch.randint(0, VOCAB, (2, 64), generator=g)
+    with torch.no_grad():
+        err = check_equal(ours(x), hf(x).logits, "generate: formers vs HF GPT-2 logits")
+
+    def ours_gen2():
+        with torch.no_grad():
+            return ours.generate(prompt, NEW, greedy=True)
+
+    def hf_gen():
+        with torch.no_grad():
+            return hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=NEW,
+                               min_new_tokens=NEW, use_cache=True, pad_token_id=0)
+
+    a, b = ours_gen2(), hf_gen()
+    agree = int((a[0, PROMPT:] == b[0, PROMPT:]).cumprod(0).sum())
+    times = interleaved({"formers": ours_gen2, "peer": hf_gen}, reps)
+    r = {"row": "generate", "peer": "HF GPT-2", "peer_setting": "sdpa, use_cache=True", "params": po,
+         "logits_max_abs_diff": err, "greedy_tokens_agreeing": agree, **_summary(times, NEW, "tokens_per_s")}
+    rows.append(r)
+    log(f"generate vs HF GPT-2      : formers {r['formers_tokens_per_s']:7.1f} tok/s  peer "
+        f"{r['peer_tokens_per_s']:7.1f} tok/s  x{r['ratio']:.2f}  (logits diff {err:.1e}, {agree}/{NEW} greedy "
+        "tokens agree)")
+    return rows
+
+
+def row_vit(reps: int, log) -> list[dict]:
+    torch.manual_seed(0)
+    ours, hf = formers_vit(), hf_vit()
+    vit_into_hf(ours, hf)
+    po, pp = n_params(ours), n_params(hf)
+    if po != pp:
+        raise FormersError(f"vit_forward: parameter counts differ ({po:,} vs {pp:,})")
+    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        err = check_equal(ours(x), hf(pixel_values=x).logits, "vit_forward: formers vs HF ViT logits")
+
+    def ours_fwd():
+        with torch.no_grad():
+            return ours(x)
+
+    def hf_fwd():
+        with torch.no_grad():
+            return hf(pixel_values=x).logits
+
+    times = interleaved({"formers": ours_fwd, "peer": hf_fwd}, reps)
+    r = {"row": "vit_forward", "peer": "HF ViT", "peer_setting": "sdpa, eval", "params": po,
+         "logits_max_abs_diff": err, **_summary(times, x.shape[0], "images_per_s")}
+    log(f"vit_forward vs HF ViT     : formers {r['formers_images_per_s']:7.1f} img/s  peer "
+        f"{r['peer_images_per_s']:7.1f} img/s  x{r['ratio']:.2f}  (logits diff {err:.1e})")
+    return [r]
+
+
+def packed_lengths(n: int = 32, lo: int = 16, hi: int = 512, seed: int = 0) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
+
+
+def row_packed(reps: int, log) -> list[dict]:
+    import formers
+    from formers.nn.packed import pack
+
+    lengths = packed_lengths()
+    torch.manual_seed(0)
+    model = formers.create_model("encoder", vocab=VOCAB, dim=DIM, depth=DEPTH, max_len=512, position="learned",
+                                 pool="mean", block={"mixer": {"name": "softmax", "heads": HEADS},
+                                                     "ffn": {"name": "mlp", "mult": 4}}).eval()
+    g = torch.Generator().manual_seed(1)
+    B, L = len(lengths), max(lengths)
+    idx = torch.randint(0, VOCAB, (B, L), generator=g)
+    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    ids, seqlens = pack(idx, mask)
+
+    def padded():
+        with torch.no_grad():
+            return model.forward_features(idx, mask=mask)
+
+    def packed():
+        with torch.no_grad():
+            return model.forward_features_packed(ids, seqlens)
+
+    hp, hk = padded(), packed()
+    err = check_equal(hp[mask], hk.reshape(-1, DIM), "packed_encoder: packed vs padded outputs on valid tokens",
+                      tol=1e-4)
+    times = interleaved({"formers": packed, "peer": padded}, reps)
+    tokens = sum(lengths)
+    r = {"row": "packed_encoder", "peer": "formers padded + key-padding mask", "peer_setting": "same model",
+         "params": n_params(model), "lengths": lengths, "valid_tokens": tokens, "padded_tokens": B * L,
+         "outputs_max_abs_diff": err, **_summary(times, tokens, "tokens_per_s")}
+    log(f"packed_encoder vs padded  : packed {r['formers_tokens_per_s']:8.0f} tok/s  padded "
+        f"{r['peer_tokens_per_s']:8.0f} tok/s  x{r['ratio']:.2f}  ({tokens} valid of {B * L} padded tokens)")
+    return [r]
+
+
+def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
+    """A recipe's own model: training-step tokens/s at its batch size and sequence length, MFU, and an
+    x-transformers row when the model is a plain softmax LM with a GELU MLP (the same parameter count)."""
+    import formers
+    from formers.config import load_recipe
+
+    cfg = load_recipe(recipe)
+    mc, tc, task = dict(cfg.model), cfg.train, dict(cfg.task)
+    seq = int(task.get("seq_len", SEQ))
+    batch = int(tc.batch_size)
+    name = mc.pop("name")
+    if name != "lm":
+        raise FormersError(f"bench speed --recipe: only language-model recipes (model.name: lm) are timed so far; "
+                           f"{recipe} builds '{name}'")
+    torch.manual_seed(0)
+    ours = formers.create_model(name, **mc)
+    vocab = ours.vocab if hasattr(ours, "vocab") else ours.embed.num_embeddings
+    sides = {"formers": TrainStep(ours, batch, seq, vocab)}
+    peer = None
+    blk = mc.get("block") or {}
+    mixer = blk.get("mixer", "softmax")
+    mixer_name = mixer if isinstance(mixer, str) else mixer.get("name")
+    if mixer_name == "softmax" and isinstance(mixer, dict) and mixer.get("heads"):
+        peer = xt_lm(max_len=ours.max_len, dim=ours.dim, depth=mc.get("depth", DEPTH), heads=mixer["heads"],
+                     vocab=vocab)
+        if n_params(peer) != n_params(ours):
+            log(f"recipe {recipe}: x-transformers' Decoder has {n_params(peer):,} parameters against "
+                f"{n_params(ours):,}; no peer row (not the same model)")
+            peer = None
+    if peer is not None:
+        sides["peer"] = TrainStep(peer, batch, seq, vocab)
+    times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps)
+    fpt = lm_flops_per_token(ours, len(list(ours.stack.blocks)) if hasattr(ours.stack, "blocks") else DEPTH, seq,
+                             ours.dim)
+    r: dict[str, Any] = {"row": "recipe", "recipe": recipe, "peer": "x-transformers" if peer is not None else None,
+                         "params": n_params(ours), "batch": batch, "seq": seq, "flops_per_token": fpt}
+    work = steps * batch * seq
+    r["formers_tokens_per_s"] = round(work / statistics.median(times["formers"]), 2)
+    r["formers_mfu"] = round(r["formers_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
+    if peer is not None:
+        r["peer_tokens_per_s"] = round(work / statistics.median(times["peer"]), 2)
+        r["peer_mfu"] = round(r["peer_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
+        r["ratio"] = round(r["formers_tokens_per_s"] / r["peer_tokens_per_s"], 3)
+    log(f"recipe {recipe}: formers {r['formers_tokens_per_s']:.0f} tok/s (MFU {r['formers_mfu']:.1%})"
+        + (f"  x-transformers {r['peer_tokens_per_s']:.0f} tok/s  x{r['ratio']:.2f}" if peer is not None else ""))
+    return [r]
+
+
+# ------------------------------------------------------------------------------------------------ report, README
+
+TARGETS = {("lm_train", "default"): 1.25, ("lm_train", "attn_flash"): 1.1, ("generate", "x-transformers"): 1.5,
+           ("generate", "HF GPT-2"): 1.2, ("vit_forward", "HF ViT"): 1.1, ("packed_encoder", "padded"): 1.5}
+
+
+def target_of(r: dict) -> float | None:
+    if r["row"] == "lm_train":
+        return TARGETS.get(("lm_train", r["peer_setting"]))
+    if r["row"] == "packed_encoder":
+        return TARGETS[("packed_encoder", "padded")]
+    return TARGETS.get((r["row"], r.get("peer")))
+
+
+def table(res: dict) -> str:
+    """Markdown table of the rows with the issue's targets."""
+    lines = ["| row | peer | formers | peer | ratio | target | MFU formers / peer |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        unit = "images_per_s" if "formers_images_per_s" in r else "tokens_per_s"
+        short = "img/s" if unit == "images_per_s" else "tok/s"
+        peer = r.get("peer") or "-"
+        if r.get("peer_setting"):
+            peer += f" ({r['peer_setting']})"
+        t = target_of(r) if r["row"] != "recipe" else None
+        mfu = f"{r['formers_mfu']:.1%} / {r['peer_mfu']:.1%}" if "peer_mfu" in r else \
+            (f"{r['formers_mfu']:.1%}" if "formers_mfu" in r else "")
+        p = f"{r[f'peer_{unit}']:,.0f} {short}" if f"peer_{unit}" in r else "-"
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+        lines.append(f"| {r['row'] if r['row'] != 'recipe' else r['recipe']} | {peer} | "
+                     f"{r[f'formers_{unit}']:,.0f} {short} | {p} | {ratio} | "
+                     f"{f'>= {t}x' if t else ''} | {mfu} |")
+    return "\n".join(lines)
+
+
+README_START, README_END = "<!-- speed:start -->", "<!-- speed:end -->"
+
+
+def readme_section(res: dict) -> str:
+    """The README's performance section, generated from results/peers_speed.json."""
+    m = res["meta"]
+    return "\n".join([
+        README_START,
+        f"Measured by `{m['command']}` on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date'][:10]} "
+        f"(matmul peak {m['peak_mm_gflops']} GFLOP/s; every figure is a median of {m['reps']} interleaved "
+        "repetitions in one process, both sides eager):",
+        "",
+        table(res),
+        README_END,
+    ])
+
+
+def update_readme(res: dict, readme: Path) -> bool:
+    """Replace the section between the speed markers in the README; False when the markers are missing."""
+    text = readme.read_text()
+    if README_START not in text or README_END not in text:
+        return False
+    head, rest = text.split(README_START, 1)
+    tail = rest.split(README_END, 1)[1]
+    new = head + readme_section(res) + tail
+    if new != text:
+        tmp = readme.with_suffix(".md.tmp")
+        tmp.write_text(new)
+        tmp.replace(readme)
+    return True
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in res["rows"] if "ratio" in r]
+    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=100)
+    labels = [f"{r['row']}\nvs {r['peer'] if r['row'] != 'packed_encoder' else 'padded'}"
+              + (f"\n{r['peer_setting']}" if r["row"] == "lm_train" else "") for r in rows]
+    xs = range(len(rows))
+    ax.bar(xs, [r["ratio"] for r in rows], 0.6, color=["tab:green" if r["ratio"] >= (target_of(r) or 1) else
+                                                       "tab:red" for r in rows])
+    for x, r in zip(xs, rows):
+        t = target_of(r)
+        if t:
+            ax.plot([x - 0.3, x + 0.3], [t, t], "k--", lw=1)
+        ax.text(x, r["ratio"] + 0.03, f"{r['ratio']:.2f}x", ha="center", fontsize=8)
+    ax.axhline(1.0, color="grey", lw=0.8)
+    ax.set_xticks(list(xs), labels, fontsize=7)
+    ax.set_ylabel("formers / peer throughput")
+    m = res["meta"]
+    ax.set_title(f"formers vs peers, CPU {m['threads']} threads, torch {m['torch']} (dashed: target)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("x-transformers", "transformers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="formers bench speed", description="formers against x-transformers and HF "
+                                 "transformers on the same models: ratios measured in one process (issue 10).")
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), help=f"default: {' '.join(ROWS)}")
+    ap.add_argument("--recipe", action="append", default=[], help="also time a recipe's own LM (repeatable)")
+    ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions per row (median; >= 7)")
+    ap.add_argument("--steps", type=int, default=4, help="training steps per repetition")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--out", default="results/peers_speed.json")
+    ap.add_argument("--readme", default=None, help="README to update between its speed markers "
+                    "(default: README.md when writing results/peers_speed.json)")
+    a = ap.parse_args(argv)
+    for r in a.rows:
+        if r not in ROWS:
+            raise FormersError(f"bench speed: unknown row '{r}'; rows: {', '.join(ROWS)}")
+    if a.reps < 1 or a.steps < 1:
+        raise FormersError("bench speed: --reps and --steps must be >= 1 (the issue asks for >= 7 repetitions)")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cmd = " ".join(["formers bench speed", *(sys.argv[1:] if argv is None else argv)]).replace(
+        "formers bench speed bench speed", "formers bench speed")
+    m = meta(cmd)  # measures the matmul peak just before the rows
+    m.update(reps=a.reps, steps=a.steps, peers=_versions(), flops_formula=FLOPS_FORMULA,
+             config={"vocab": VOCAB, "dim": DIM, "depth": DEPTH, "heads": HEADS, "seq": SEQ, "batch": BATCH,
+                     "prompt": PROMPT, "new_tokens": NEW})
+    peak = m["peak_mm_gflops"]
+
+    def log(s):
+        print(s, flush=True)
+
+    log(f"matmul peak {peak} GFLOP/s, {torch.get_num_threads()} threads, {a.reps} interleaved repetitions per row")
+    rows: list[dict] = []
+    fns = {"lm_train": lambda: row_lm_train(a.reps, a.steps, peak, log), "generate": lambda: row_generate(a.reps, log),
+           "vit_forward": lambda: row_vit(a.reps, log), "packed_encoder": lambda: row_packed(a.reps, log)}
+    for name in a.rows:
+        rows += fns[name]()
+    for rec in a.recipe:
+        rows += row_recipe(rec, a.reps, a.steps, peak, log)
+    res = {"meta": m, "rows": rows}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out)
+    plot(res, out.with_suffix(".png"))
+    print(table(res))
+    readme = Path(a.readme) if a.readme else (Path("README.md") if out == Path("results/peers_speed.json") else None)
+    if readme is not None and readme.exists() and update_readme(res, readme):
+        log(f"updated the performance section of {readme}")
+    log(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0

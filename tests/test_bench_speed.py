@@ -1,0 +1,89 @@
+"""`formers bench speed` (issue 10): the peer models are the same models (weights mapped, logits equal), the FLOPs
+formula, the interleaving, and the README section generated from the committed results."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from formers.bench import speed
+from formers.registry import FormersError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gpt2_weights_map_onto_the_gpt2_shaped_formers_lm():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    hf = speed.hf_gpt2(96)
+    with torch.no_grad():  # HF initialises biases and LayerNorms trivially: randomise so the map is exercised
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    ours = speed.formers_lm(max_len=96, gpt2=True).eval()
+    speed.gpt2_into_formers(hf, ours)
+    assert speed.n_params(ours) == speed.n_params(hf)
+    x = torch.randint(0, speed.VOCAB, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(x).logits, rtol=0, atol=2e-5)
+        a = ours.generate(x[:1, :8], 12, greedy=True)
+        b = hf.generate(x[:1, :8], attention_mask=torch.ones(1, 8, dtype=torch.long), do_sample=False,
+                        max_new_tokens=12, min_new_tokens=12, pad_token_id=0)
+    assert torch.equal(a, b)
+
+
+def test_formers_vit_weights_map_onto_hf_vit():
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    ours, hf = speed.formers_vit(), speed.hf_vit()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    speed.vit_into_hf(ours, hf)
+    assert speed.n_params(ours) == speed.n_params(hf) == 5_717_416
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, rtol=0, atol=1e-5)
+
+
+def test_same_model_as_x_transformers_by_parameter_count():
+    pytest.importorskip("x_transformers")
+    assert speed.n_params(speed.formers_lm()) == speed.n_params(speed.xt_lm()) == 3_349_760
+
+
+def test_flops_per_token_is_the_issue_formula():
+    m = speed.formers_lm()
+    D, V, L, N = speed.DIM, speed.VOCAB, speed.DEPTH, speed.SEQ
+    matmul = L * (D * D + 2 * D * D + D * D + 4 * D * D + 4 * D * D) + V * D  # q, kv, out, fc1, fc2; head
+    assert speed.lm_flops_per_token(m, L, N, D) == 6 * matmul + 6 * L * N * D
+
+
+def test_interleaving_alternates_the_order_and_times_every_repetition():
+    calls = []
+    times = speed.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, reps=4, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b", "b", "a"]
+    assert [len(v) for v in times.values()] == [4, 4] and all(t >= 0 for v in times.values() for t in v)
+
+
+def test_check_equal_refuses_a_wrong_map():
+    with pytest.raises(FormersError, match="weight map is wrong"):
+        speed.check_equal(torch.zeros(3), torch.tensor([0.0, 1e-3, 0.0]), "x")
+
+
+def test_unknown_row_is_a_clear_error():
+    with pytest.raises(FormersError, match="unknown row 'lm_trian'"):
+        speed.main(["--rows", "lm_trian"])
+
+
+def test_readme_section_is_generated_from_the_committed_results(tmp_path):
+    res = json.loads((ROOT / "results" / "peers_speed.json").read_text())
+    readme = (ROOT / "README.md").read_text()
+    assert speed.readme_section(res) in readme, "README is stale: run `formers bench speed` (it rewrites it)"
+    for r in res["rows"]:
+        assert r["formers_runs"] and len(r["formers_runs"]) == res["meta"]["reps"] >= 7
+        assert abs(r["ratio"] - r[next(k for k in r if k.startswith("formers_") and k.endswith("_per_s"))]
+                   / r[next(k for k in r if k.startswith("peer_") and k.endswith("_per_s"))]) < 2e-3
+    speed.plot(res, tmp_path / "p.png")
+    assert (tmp_path / "p.png").stat().st_size > 1000

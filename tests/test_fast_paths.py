@@ -1,0 +1,210 @@
+"""Fast paths of softmax attention and cached decoding (issue 10), each against the plain computation.
+
+- fused QKV (one matmul with the stacked [W_q; W_kv]) against two separate projections and a naive attention
+  written here: outputs and every parameter gradient, float64, with GQA and biases;
+- the static KV cache: no reallocation during `generate`, doubling growth keeps the contents, autograd through a
+  cache, and a segment memory shared by `_copy_cache` is never written into;
+- the decode fast path (one causal query, no mask): cached greedy generation equals uncached generation token for
+  token, and the cached logits equal a full forward of the final sequence.
+"""
+
+import pytest
+import torch
+
+import formers
+from formers.nn import attention
+from formers.nn.attention import KVCache
+
+
+def make(dim=24, heads=6, kv_heads=None, bias=False, causal=True, **kw):
+    return formers.build("mixer", "softmax", dim=dim, heads=heads, kv_heads=kv_heads, bias=bias, causal=causal,
+                         **kw).double()
+
+
+def two_projection_attention(m, x):
+    """Causal softmax attention from two separate projections q = x W_q^T + b_q, kv = x W_kv^T + b_kv, the
+    scores materialised and masked explicitly; GQA by repeating each key/value head."""
+    B, N, _ = x.shape
+    H, Hkv, Dh = m.heads, m.kv_heads, m.head_dim
+    q = x @ m.q.weight.T + (m.q.bias if m.q.bias is not None else 0)
+    kv = x @ m.kv.weight.T + (m.kv.bias if m.kv.bias is not None else 0)
+    q = q.reshape(B, N, H, Dh).permute(0, 2, 1, 3)
+    k = kv[..., : Hkv * Dh].reshape(B, N, Hkv, Dh).permute(0, 2, 1, 3).repeat_interleave(H // Hkv, 1)
+    v = kv[..., Hkv * Dh:].reshape(B, N, Hkv, Dh).permute(0, 2, 1, 3).repeat_interleave(H // Hkv, 1)
+    s = q @ k.transpose(-1, -2) * Dh ** -0.5
+    s = s.masked_fill(torch.ones(N, N, dtype=torch.bool).triu(1), float("-inf"))
+    y = (s.softmax(-1) @ v).permute(0, 2, 1, 3).reshape(B, N, H * Dh)
+    return y @ m.out.weight.T + (m.out.bias if m.out.bias is not None else 0)
+
+
+def grads(m, x, fn):
+    """Output and the gradients of <output, g> w.r.t. x and every parameter of m."""
+    m.zero_grad()
+    x = x.detach().clone().requires_grad_(True)
+    y = fn(x)
+    (y * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
+    return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("kv_heads,bias", [(6, False), (2, True), (1, False), (3, "q_only")])
+def test_fused_qkv_equals_two_projections(kv_heads, bias):
+    m = make(kv_heads=kv_heads, bias=bool(bias))
+    if bias == "q_only":  # a folded norm (P54) can give q a bias and leave kv without one
+        m.kv.register_parameter("bias", None)
+    assert m._fusable()
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    y, gx, gp = grads(m, x, m)
+    y_ref, gx_ref, gp_ref = grads(m, x, lambda t: two_projection_attention(m, t))
+    m._fusable = lambda: False  # the plain path: `project` (two nn.Linear calls)
+    y_plain, gx_plain, gp_plain = grads(m, x, m)
+    for got in ((y, gx, gp), (y_plain, gx_plain, gp_plain)):
+        torch.testing.assert_close(got[0], y_ref, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(got[1], gx_ref, atol=1e-10, rtol=1e-10)
+        assert got[2].keys() == gp_ref.keys()
+        for name in gp_ref:
+            torch.testing.assert_close(got[2][name], gp_ref[name], atol=1e-10, rtol=1e-10, msg=name)
+    del m._fusable  # back to the class method
+    with torch.no_grad():  # inference takes two matmuls (no weight stacking): the same values
+        torch.testing.assert_close(m(x), y_ref, atol=1e-10, rtol=1e-10)
+
+
+def test_fusion_only_when_projection_is_plain():
+    from formers.models.vision.vit_options import capture_attention
+
+    m = make()
+    assert m._fusable()
+    with capture_attention(m) as store:  # shadows `project` on the instance: must be called, not bypassed
+        assert not m._fusable()
+        m(torch.randn(1, 4, 24, dtype=torch.float64))
+    assert store["kv"].shape == (1, 4, 2 * 24)
+    assert m._fusable()
+    assert not formers.build("mixer", "mdha", dim=24, heads=6, causal=True)._fusable()  # overrides project
+    m.q.register_forward_hook(lambda mod, inp, out: out)
+    assert not m._fusable()
+
+
+def test_kv_cache_doubles_and_keeps_contents():
+    c = KVCache(capacity=4)
+    chunks = [torch.randn(2, 3, n, 5) for n in (3, 1, 2, 5, 1)]
+    caps = []
+    with torch.no_grad():
+        for t in chunks:
+            k, v = c.update(t, 2 * t)
+            caps.append(c._k.shape[2])
+    ref = torch.cat(chunks, 2)
+    assert caps == [4, 4, 8, 16, 16]  # capacity, then doubled (or grown to fit) only when full
+    assert torch.equal(k, ref) and torch.equal(v, 2 * ref) and torch.equal(c.k, ref) and c.length == 12
+    c.k, c.v = ref[:, :, :7], ref[:, :, :7]  # plain assignment still works: a shorter cache, no spare room
+    assert c.k.shape[2] == 7 and torch.equal(c.v, ref[:, :, :7])
+    with torch.no_grad():
+        c.update(ref[:, :, 7:], ref[:, :, 7:])
+    assert torch.equal(c.k, ref) and c.length == 12
+
+
+def test_kv_cache_with_autograd_matches_full_pass():
+    """With autograd recording the cache concatenates (no in-place writes): gradients through a chunked pass equal
+    those of one full pass."""
+    model = formers.create_model("lm", vocab=30, dim=24, depth=2, max_len=32, position="rope",
+                                 block={"mixer": {"name": "softmax", "heads": 6, "kv_heads": 2}}).double()
+    ids = torch.randint(0, 30, (2, 10))
+    w = torch.randn(2, 10, 30, dtype=torch.float64)
+    (model(ids) * w).sum().backward()
+    ref = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    cache = model.new_cache()
+    out = torch.cat([model(ids[:, a:b], cache=cache) for a, b in [(0, 4), (4, 5), (5, 10)]], 1)
+    (out * w).sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref[n], atol=1e-10, rtol=1e-10, msg=n)
+
+
+def tiny_lm(position, **kw):
+    return formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=64, position=position,
+                                block={"mixer": {"name": "softmax", "heads": 4, **kw}}).eval()
+
+
+@pytest.mark.parametrize("position,kv_heads", [("learned", None), ("rope", 2), ("alibi", None)])
+def test_cached_greedy_generation_equals_uncached(position, kv_heads, monkeypatch):
+    model = tiny_lm(position, kv_heads=kv_heads)
+    prompt = torch.randint(0, 40, (2, 6))
+    masks = []
+    real_mask = attention.attention_mask
+    monkeypatch.setattr(attention, "attention_mask", lambda *a, **k: masks.append(1) or real_mask(*a, **k))
+    a = model.generate(prompt, 24, greedy=True)
+    if position != "alibi":  # no mask tensor at all: is_causal for the prompt, nothing to mask when decoding
+        assert not masks
+    monkeypatch.undo()
+    b = model.generate(prompt, 24, greedy=True, use_cache=False)
+    assert torch.equal(a, b) and a.shape == (2, 30) and torch.equal(a[:, :6], prompt)
+    # every cached step's logits (one query, no mask) equal those of a full causal pass over the final sequence
+    with torch.no_grad():
+        full = model(a[:, :-1])
+        cache = model.new_cache(capacity=29)
+        steps = [model(a[:, :6], cache=cache)] + [model(a[:, t:t + 1], cache=cache) for t in range(6, 29)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_allocates_the_cache_once(monkeypatch):
+    model = tiny_lm("learned")
+    made, moved = [], []
+    new_cache = model.new_cache
+
+    def spy_new_cache(capacity=0):
+        made.append(new_cache(capacity=capacity))
+        return made[-1]
+
+    real_moved = KVCache._moved
+
+    def spy_moved(self, buf, new, room):
+        moved.append(room)
+        return real_moved(self, buf, new, room)
+
+    monkeypatch.setattr(model, "new_cache", spy_new_cache)
+    monkeypatch.setattr(KVCache, "_moved", spy_moved)
+    prompt = torch.randint(0, 40, (1, 5))
+    out = model.generate(prompt, 20, greedy=True)
+    assert out.shape == (1, 25)
+    # one buffer each for keys and values per layer, sized for the prompt and every fed token, never regrown
+    assert moved == [24] * (2 * model.depth)
+    for c in made[0]:
+        assert c.length == 24 and c._k.shape[2] == 24 and c._v.shape[2] == 24
+
+
+def test_segment_memory_is_not_written_into():
+    """Under no_grad the cache writes in place; memory handed to forward_segment (shallow-copied) stays intact."""
+    model = formers.create_model("lm", vocab=30, dim=24, depth=2, max_len=64, position="rope", mem_len=8,
+                                 block={"mixer": {"name": "softmax", "heads": 6}}).double().eval()
+    ids = torch.randint(0, 30, (2, 14))
+    with torch.no_grad():
+        _, mem = model.forward_segment(ids[:, :5])
+        before = [(m.k.clone(), m.v.clone(), m.length) for m in mem]
+        a, mem_a = model.forward_segment(ids[:, 5:9], mem)
+        b, _ = model.forward_segment(ids[:, 5:9], mem)
+        c, _ = model.forward_segment(ids[:, 9:], mem_a)
+        d, _ = model.forward_segment(ids[:, 9:], mem_a)
+    assert torch.equal(a, b) and torch.equal(c, d)
+    for m, (k, v, n) in zip(mem, before):
+        assert torch.equal(m.k, k) and torch.equal(m.v, v) and m.length == n
+    # and the no_grad segments equal the autograd ones (the concatenating path)
+    _, mem_g = model.forward_segment(ids[:, :5])
+    a_g, _ = model.forward_segment(ids[:, 5:9], mem_g)
+    torch.testing.assert_close(a_g.detach(), a, atol=1e-12, rtol=1e-12)
+
+
+def test_single_query_decode_with_key_mask_uses_the_mask():
+    """The no-mask fast path must not swallow a padding mask: a masked cached key changes nothing but itself."""
+    m = make(causal=True).eval()
+    x = torch.randn(1, 5, 24, dtype=torch.float64)
+    mask = torch.tensor([[True, False, True, True, True]])
+    with torch.no_grad():
+        full = m(x, mask=mask)
+        cache = KVCache()
+        m(x[:, :4], cache=cache, mask=mask[:, :4])
+        last = m(x[:, 4:], cache=cache, mask=mask)
+        x2 = x.clone()
+        x2[:, 1] += 1.0  # the masked key's token
+        cache2 = KVCache()
+        m(x2[:, :4], cache=cache2, mask=mask[:, :4])
+        last2 = m(x2[:, 4:], cache=cache2, mask=mask)
+    torch.testing.assert_close(last, full[:, 4:], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(last2, last, atol=1e-12, rtol=1e-12)
