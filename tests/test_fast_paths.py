@@ -208,3 +208,29 @@ def test_single_query_decode_with_key_mask_uses_the_mask():
         last2 = m(x2[:, 4:], cache=cache2, mask=mask)
     torch.testing.assert_close(last, full[:, 4:], atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(last2, last, atol=1e-12, rtol=1e-12)
+
+
+def test_fusion_is_off_when_q_or_kv_has_any_hook():
+    """The fused path never calls q/kv, so a backward hook (or a global module hook) must keep the plain path."""
+    a = attention.SoftmaxAttention(16, heads=4).train()
+    assert a._fusable()
+    fired = []
+    h = a.q.register_full_backward_hook(lambda *args: fired.append(1))
+    assert not a._fusable()
+    a(torch.randn(2, 5, 16)).sum().backward()
+    assert fired
+    h.remove()
+    g = torch.nn.modules.module.register_module_forward_hook(lambda *args: None)
+    try:
+        assert not a._fusable()
+    finally:
+        g.remove()
+    assert a._fusable()
+
+
+def test_generate_refuses_negative_new_tokens():
+    from formers.registry import FormersError
+
+    m = formers.create_model("lm", vocab=16, dim=16, depth=1, max_len=32)
+    with pytest.raises(FormersError, match="max_new_tokens must be >= 0"):
+        m.generate(torch.zeros(1, 3, dtype=torch.long), -1)

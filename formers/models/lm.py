@@ -82,7 +82,7 @@ class LM(SequenceModel):
         out.length = c.length
         if c.k is None:
             return out
-        k, v = c.k.detach(), c.v.detach()  # (B, H, L, Dh)
+        k, v = c.k.detach(), c.v.detach()  # (B, H, L, Dh): views into the cache buffer (or the fused qkv)
         drop = k.shape[2] - self.mem_len
         if drop > 0:
             k, v = k[:, :, drop:], v[:, :, drop:]  # (B, H, mem_len, Dh)
@@ -90,7 +90,8 @@ class LM(SequenceModel):
             if positions is not None:  # shift the cached rotations by -drop (identity for non-rotary encodings)
                 shift = torch.full((k.shape[2],), -drop, device=k.device)
                 k = positions.rotate(k, k, shift, shift)[1]
-        out.k, out.v, out.length = k, v, k.shape[2]
+        # own copies: views would keep the whole buffer (or the fused q/k/v projection) alive with the memory
+        out.k, out.v, out.length = k.contiguous().clone(), v.contiguous().clone(), k.shape[2]
         return out
 
     def reset_classifier(self, num_classes: int) -> None:
@@ -110,6 +111,8 @@ class LM(SequenceModel):
         sequence is recomputed (the reference the tests compare against)."""
         if idx.dim() == 1:
             idx = idx[None]
+        if max_new_tokens < 0:
+            raise FormersError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
         if getattr(self.position, "kind", "") == "absolute" and idx.shape[1] + max_new_tokens > self.max_len:
             raise FormersError(f"generating {idx.shape[1] + max_new_tokens} tokens exceeds max_len={self.max_len} "
                                "of the absolute positions; ask for fewer tokens")

@@ -241,11 +241,16 @@ class SoftmaxAttention(nn.Module):
 
     def _fusable(self) -> bool:
         """Whether q, k, v may come from one matmul: `project` not overridden (by a subclass or on the instance)
-        and `q`, `kv` plain hook-free nn.Linear layers."""
+        and `q`, `kv` plain nn.Linear layers without hooks of any kind (theirs or global ones), since the fused
+        path does not call them."""
         q, kv = self.q, self.kv
+        hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                     for m in (q, kv))
+        glob = torch.nn.modules.module
+        hooked = hooked or bool(glob._global_forward_hooks or glob._global_forward_pre_hooks
+                                or glob._global_backward_hooks or glob._global_backward_pre_hooks)
         return (type(self).project is SoftmaxAttention.project and "project" not in self.__dict__
-                and type(q) is nn.Linear and type(kv) is nn.Linear and not (
-                    q._forward_hooks or q._forward_pre_hooks or kv._forward_hooks or kv._forward_pre_hooks))
+                and type(q) is nn.Linear and type(kv) is nn.Linear and not hooked)
 
     def _fused_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention q (B, H, N, Dh), k, v (B, Hkv, N, Dh), equal to `project` (the tests compare values and
