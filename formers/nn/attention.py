@@ -45,25 +45,25 @@ class KVCache:
         self.state: dict[str, torch.Tensor] = {}
         self.length = 0
 
+    def _filled(self, buf: torch.Tensor | None) -> torch.Tensor | None:
+        """The filled part of a key or value buffer: a view of its first `_n` positions."""
+        return buf if buf is None or buf.shape[2] == self._n else buf.narrow(2, 0, self._n)
+
     @property
     def k(self) -> torch.Tensor | None:
-        buf = self._k
-        return buf if buf is None or buf.shape[2] == self._n else buf.narrow(2, 0, self._n)
+        return self._filled(self._k)
 
     @k.setter
     def k(self, t: torch.Tensor | None) -> None:
-        self._k = t
-        self._n = 0 if t is None else t.shape[2]
+        self._k, self._n = t, 0 if t is None else t.shape[2]
 
     @property
     def v(self) -> torch.Tensor | None:
-        buf = self._v
-        return buf if buf is None or buf.shape[2] == self._n else buf.narrow(2, 0, self._n)
+        return self._filled(self._v)
 
     @v.setter
     def v(self, t: torch.Tensor | None) -> None:
-        self._v = t
-        self._n = 0 if t is None else t.shape[2]
+        self._v, self._n = t, 0 if t is None else t.shape[2]
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append new keys/values (B, H, n, Dh); returns all of them (B, H, L, Dh); advances `length` to L."""
