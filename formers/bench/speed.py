@@ -380,9 +380,9 @@ def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> l
     from formers.config import load_recipe
 
     cfg = load_recipe(recipe)
-    mc, tc, task = dict(cfg.model), cfg.train, dict(cfg.task)
+    mc, task = dict(cfg["model"]), dict(cfg.get("task") or {})
     seq = int(task.get("seq_len", SEQ))
-    batch = int(tc.batch_size)
+    batch = int((cfg.get("train") or {}).get("batch_size", BATCH))
     name = mc.pop("name")
     if name != "lm":
         raise FormersError(f"bench speed --recipe: only language-model recipes (model.name: lm) are timed so far; "
