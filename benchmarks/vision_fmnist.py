@@ -40,7 +40,7 @@ import torch
 
 import formers
 from formers.bench.harness import load_rows, meta, save
-from formers.config import builtin_recipes, load_recipe
+from formers.config import apply_overrides, builtin_recipes, load_recipe
 from formers.data.sources import get_source
 from formers.models.vision.base import VisionModel
 from formers.train.trainer import build_model, build_task
@@ -145,9 +145,9 @@ def images_per_s(model: torch.nn.Module, in_chans: int, side: int, batch: int = 
 
 
 def run_one(name: str, budget_s: float, threads: int, tmp: Path, train_threads: int | None = None,
-            plan_only: bool = False) -> dict[str, Any] | None:
+            plan_only: bool = False, overrides: list[str] | None = None) -> dict[str, Any] | None:
     torch.set_num_threads(threads)
-    cfg = recipe_for(name)
+    cfg = apply_overrides(recipe_for(name), list(overrides or []))
     task = build_task(copy.deepcopy(cfg["task"]))
     task.prepare()
     run_dir = tmp / name
@@ -180,6 +180,7 @@ def run_one(name: str, budget_s: float, threads: int, tmp: Path, train_threads: 
         "budget_s": budget_s, "seconds_per_step": round(p["seconds_per_step"], 4),
         "train_seconds": round(result["train_seconds"], 1), "threads": threads, "train_threads": train_threads,
         "final_loss": round(train[-1]["loss"], 4) if train else None,
+        "overrides": list(overrides or []) or None,
         "curve_step": [r["step"] for r in train], "curve_loss": [round(r["loss"], 4) for r in train],
     }
 
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="threads while training the planned steps (default --threads)")
     ap.add_argument("--plan-only", action="store_true", help="only time the steps and keep the plans")
     ap.add_argument("--measure-only", action="store_true", help="only re-time inference of the finished rows")
+    ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="recipe overrides for every model of this call, e.g. train.lr=2e-3 (kept in the row); "
+                         "the planned step count is the model's, so change nothing that alters a step's cost")
     ap.add_argument("--out", default="results/vision_fmnist.json")
     ap.add_argument("--tmp", default=None, help="run folders (default results/tmp/vision_fmnist)")
     a = ap.parse_args(argv)
@@ -225,6 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     names = a.only if a.only is not None else tiny_models() + list(CONTEXT)
     for n in names:
         formers.get("model", n)  # a typo fails before anything trains
+        apply_overrides(recipe_for(n), list(a.overrides))  # and so does a bad override
     src = get_source("fashion_mnist")
     if not src.ready():
         src.fetch()  # from the local Debian package; no network
@@ -247,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in done and not a.plan_only:
             continue
         try:
-            row = run_one(name, a.budget_s, a.threads, tmp, a.train_threads, a.plan_only)
+            row = run_one(name, a.budget_s, a.threads, tmp, a.train_threads, a.plan_only, a.overrides)
             if row is None:
                 continue
             rows.append(row)
