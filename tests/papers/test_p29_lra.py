@@ -188,3 +188,29 @@ def test_lra_runner_end_to_end(tmp_path, monkeypatch):
     # finished pairs are not re-run
     monkeypatch.setattr(bench, "run_pair", lambda *a, **k: pytest.fail("re-ran a finished pair"))
     assert bench.main(["--tasks", "listops", "--mixers", "softmax", "--no-speed"]) == 0
+
+
+def test_lra_pair_folder_of_another_recipe_starts_over(tmp_path, monkeypatch):
+    """A run folder left by another lite setting is not resumed (the trainer would refuse the changed recipe); a
+    folder of the same recipe resumes to the same result."""
+    from formers.bench import lra as bench
+
+    monkeypatch.setenv("FORMERS_DATA", str(tmp_path / "data"))
+    real = bench.recipe
+    lr = {"v": 1e-3}
+
+    def tiny(task, mixer, mode, seed=0):
+        cfg = real(task, mixer, mode, seed)
+        cfg["task"].update({"n_train": 64, "n_val": 16, "n_test": 16, "min_len": 10, "max_len": 40})
+        cfg["train"].update({"steps": 4, "batch_size": 8, "lr": lr["v"]})
+        cfg["train"]["schedule"]["warmup"] = 1
+        return cfg
+
+    monkeypatch.setattr(bench, "recipe", tiny)
+    first = bench.run_pair("listops", "softmax", "lite", tmp_path / "runs", progress=False)
+    again = bench.run_pair("listops", "softmax", "lite", tmp_path / "runs", progress=False)  # resumes: finished
+    assert again["test_acc"] == first["test_acc"] and again["test_loss"] == first["test_loss"]
+    lr["v"] = 3e-2
+    other = bench.run_pair("listops", "softmax", "lite", tmp_path / "runs", progress=False)
+    saved = (tmp_path / "runs" / "listops-softmax" / "config.yaml").read_text()
+    assert "0.03" in saved and other["test_loss"] != first["test_loss"]
