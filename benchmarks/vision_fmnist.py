@@ -83,6 +83,8 @@ def seconds_per_step(cfg: dict[str, Any], task, budget_s: float) -> float:
     warm-up steps; times at least 3 steps and at most ~5% of the budget (20 steps)."""
     torch.manual_seed(0)
     model = build_model(cfg["model"], task.model_defaults())
+    if cfg["train"].get("channels_last"):  # time the step the trainer will run
+        model.to(memory_format=torch.channels_last)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(1)

@@ -200,3 +200,37 @@ def test_vit_recipes_resolve():
                                "eval_limit": 2000}
     with pytest.raises(FormersError, match="unknown recipe"):
         load_recipe("vit/no_such_recipe")
+
+
+def test_channels_last_training_equals_the_default_layout(tmp_path):
+    """train.channels_last stores 4-D weights in NHWC order and changes nothing else: per-step losses and final
+    weights equal the default layout's (float rounding), and the saved run loads into a plain model."""
+    import json
+    import re
+
+    from formers.train.trainer import Trainer
+
+    runs = {}
+    for cl in (False, True):
+        cfg = {"model": {"name": "cnn_small"}, "task": {"name": "image_classification", "dataset": "digits"},
+               "train": {"steps": 4, "batch_size": 8, "lr": 3e-3, "eval_every": 100, "ckpt_every": 2,
+                         "log_every": 1, "progress": False, "sample": False, "channels_last": cl}}
+        trainer = Trainer(cfg, tmp_path / str(cl))
+        convs = [p for p in trainer.model.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == cl
+        assert all(p.is_contiguous() for p in convs) != cl
+        trainer.fit()
+        losses = [r["loss"] for r in map(json.loads, (tmp_path / str(cl) / "metrics.jsonl").read_text().splitlines())
+                  if "loss" in r]
+        runs[cl] = (losses, trainer.model)
+    assert len(runs[True][0]) == 4
+    torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), rtol=1e-5, atol=1e-6)
+    # a conv bias right before a BatchNorm gets a ~0 gradient that Adam scales up to full steps, so its value is
+    # rounding noise: compare the other weights, and the trained functions, which that bias does not change
+    for (name, a), b in zip(runs[False][1].state_dict().items(), runs[True][1].state_dict().values()):
+        if not re.fullmatch(r"stages\.\d+\.0\.bias", name):  # Conv2d biases, each followed by a BatchNorm2d
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(runs[True][1].eval()(x), runs[False][1].eval()(x), rtol=1e-4, atol=1e-5)
+    loaded = formers.load_run(tmp_path / "True")
+    torch.testing.assert_close(loaded.eval()(x), runs[True][1].eval()(x), rtol=1e-5, atol=1e-6)

@@ -74,6 +74,7 @@ class TrainConfig:
     dist_timeout: float = 300.0       # seconds a rank waits for the others in a collective before failing
     compile: bool = False             # torch.compile the training forward (evaluation and sampling stay eager)
     compile_mode: str = "default"     # default | reduce-overhead | max-autotune (torch.compile's mode; with compile)
+    channels_last: bool = False       # 4-D weights in NHWC order: faster convolutions (timm's --channels-last)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -100,7 +101,8 @@ class TrainConfig:
 
 # options that say how to run, not what to train: a run may resume with them changed (on another machine, on more
 # processes or none, compiled or not), and with more or fewer steps
-HOW_TO_RUN = ("threads", "progress", "device", "precision", "parallel", "dist_timeout", "compile", "compile_mode")
+HOW_TO_RUN = ("threads", "progress", "device", "precision", "parallel", "dist_timeout", "compile", "compile_mode",
+              "channels_last")
 EXECUTION_OPTIONS = ("steps", *HOW_TO_RUN)
 
 
@@ -202,6 +204,8 @@ class Trainer:
         self.resume, self.force = resume, force
         tc = self.tc
         self.dist = distributed.setup(tc)  # device, precision, threads; the process group under torchrun
+        if tc.channels_last:  # same values, NHWC storage: oneDNN/cuDNN convolutions skip their layout reorders
+            self.model.to(memory_format=torch.channels_last)
         if tc.epochs is not None:
             per_step = tc.batch_size * tc.accum
             self.total = max(1, math.ceil(tc.epochs * self.task.train_size() / per_step))
