@@ -12,6 +12,7 @@ needs its length up front). Periodic and final evaluations are outside the budge
 run really took.
 
     python benchmarks/vision_fmnist.py [--budget-s 300] [--threads 2] [--only vit_tiny mlp_image] [--out PATH]
+                                       [--set train.lr=2e-3 ...]   (recipe overrides, kept in each row)
 
 Resumable: finished models are kept in the JSON file and not re-run; an interrupted one resumes from its last
 checkpoint in results/tmp/vision_fmnist/<model> with the step count planned for it.
