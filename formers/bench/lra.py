@@ -224,8 +224,8 @@ def accuracy_table(rows: list[dict], mixers: list[str], tasks: list[str]) -> str
         avg = f"{100 * sum(accs) / len(accs):.1f}" if len(accs) == len(tasks) else ""
         lines.append(f"| {mx} | " + " | ".join(cells) + f" | {avg} |")
     notes = "; ".join(f"{t}: {s}" for t, s in SUBSTITUTED.items() if t in tasks)
-    return "\n".join(lines) + (f"\n\nCells: ours / published (Table 1). * substituted data set ({notes}); "
-                               "the published number is for the original data. FAIL = within 1 point of majority.")
+    subst = (f" * substituted data set ({notes}); the published number is for the original data." if notes else "")
+    return "\n".join(lines) + (f"\n\nCells: ours / published (Table 1).{subst} FAIL = within 1 point of majority.")
 
 
 def speed_table(rows: list[dict], mixers: list[str], lengths: list[int]) -> str:
