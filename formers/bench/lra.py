@@ -130,7 +130,9 @@ def run_pair(task: str, mixer: str, mode: str, tmp: Path, seed: int = 0, progres
     cfg = recipe(task, mixer, mode, seed)
     cfg["train"]["progress"] = progress
     run_dir = tmp / f"{task}-{mixer}"
-    # resume only a run of this very recipe: a folder left by an older lite setting starts over
+    # resume only a run of this very recipe: a folder left by an older lite setting starts over. Stricter than the
+    # trainer's --resume check (check_same_recipe), which lets train.steps change: a finished 160-step Text run
+    # must not be stretched to the 200 steps of today's cosine schedule
     stamp = run_dir / "lra_recipe.json"
     want = json.dumps(cfg, sort_keys=True)
     resume = (run_dir / "config.yaml").exists() and stamp.exists() and stamp.read_text() == want
