@@ -135,3 +135,21 @@ def save(path: Path, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         json.dump({"meta": meta_, "rows": rows}, f, indent=1)
     os.chmod(tmp, 0o644)
     os.replace(tmp, path)
+
+
+def save_row(path: Path, meta_: dict[str, Any], row: dict[str, Any], key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Add or replace one row of a results file, re-reading it under an exclusive lock first, so that several
+    processes working on disjoint rows (e.g. `formers bench lra --tasks listops` beside `--tasks image`) never
+    drop each other's results. Returns the rows now on disk."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / (path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            ident = tuple(row[k] for k in key)
+            rows = [r for r in load_rows(path) if tuple(r.get(k) for k in key) != ident] + [row]
+            save(path, meta_, rows)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return rows

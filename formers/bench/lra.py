@@ -19,7 +19,9 @@ paper marks chance-level results.
 
 Resumable: a finished pair is a row of results/lra/<mode>/results.json and is not re-run; an interrupted one resumes
 from its checkpoint under results/tmp/lra/<mode>/<task>-<mixer>. Also writes table.md (accuracy and speed tables),
-speed.json (fresh-subprocess timings) and lra.png (accuracy against speed).
+speed.json (fresh-subprocess timings) and lra.png (accuracy against speed). Processes on disjoint tasks may run side by
+side (e.g. `--tasks listops text retrieval` beside `--tasks image pathfinder`, one thread each): a finished pair is
+merged into results.json under a file lock.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from typing import Any
 
 import torch
 
-from formers.bench.harness import load_rows, meta, run_point, save
+from formers.bench.harness import load_rows, meta, run_point, save, save_row
 from formers.registry import FormersError, _hint
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -321,13 +323,13 @@ def main(argv: list[str] | None = None) -> int:
                 traceback.print_exc()
                 failed.append(f"{t} x {mx}: {type(err).__name__}: {err}")
                 continue
-            rows = [r for r in rows if (r["task"], r["mixer"]) != (t, mx)] + [row]
-            save(res, m, rows)
+            rows = save_row(res, m, row, ("task", "mixer"))  # merges with rows other processes wrote meanwhile
             print(f"   test acc {100 * row['test_acc']:.1f}% (majority {100 * row['majority']:.1f}%, "
                   f"published {row['published']}) in {row['pair_seconds']:.0f} s", flush=True)
     speed = load_rows(out / "speed.json")
     if not a.no_speed:
         speed = run_speed(["softmax", *[x for x in a.mixers if x != "softmax"]], a.lengths, out / "speed.json")
+    rows = load_rows(res)  # other processes may have added pairs meanwhile
     text = "# Long Range Arena, " + a.mode + " mode\n\n## Test accuracy (%)\n\n" + \
         accuracy_table(rows, a.mixers, a.tasks) + "\n\n## Speed and memory (Table 2 style)\n\n" + \
         speed_table(speed, a.mixers, a.lengths) + "\n"

@@ -214,3 +214,35 @@ def test_lra_pair_folder_of_another_recipe_starts_over(tmp_path, monkeypatch):
     other = bench.run_pair("listops", "softmax", "lite", tmp_path / "runs", progress=False)
     saved = (tmp_path / "runs" / "listops-softmax" / "config.yaml").read_text()
     assert "0.03" in saved and other["test_loss"] != first["test_loss"]
+
+
+def test_results_rows_from_two_processes_are_merged_not_dropped(tmp_path):
+    """Two LRA runners on disjoint tasks each start from the rows they read; a save must merge with what the other
+    wrote since (the lock + re-read in save_row), and replacing a pair keeps one row for it."""
+    import multiprocessing as mp
+
+    from formers.bench.harness import load_rows, save_row
+
+    res = tmp_path / "results.json"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_rows, args=(str(res), task)) for task in ("listops", "image")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    rows = load_rows(res)
+    assert sorted((r["task"], r["mixer"]) for r in rows) == sorted(
+        (t, f"m{i}") for t in ("listops", "image") for i in range(10))
+    save_row(res, {}, {"task": "image", "mixer": "m3", "test_acc": 0.5}, ("task", "mixer"))
+    rows = load_rows(res)
+    assert len(rows) == 20 and [r["test_acc"] for r in rows if (r["task"], r["mixer"]) == ("image", "m3")] == [0.5]
+
+
+def _write_rows(path: str, task: str) -> None:
+    from pathlib import Path
+
+    from formers.bench.harness import save_row
+
+    for i in range(10):
+        save_row(Path(path), {}, {"task": task, "mixer": f"m{i}", "test_acc": 0.1}, ("task", "mixer"))
