@@ -144,13 +144,15 @@ def position(kind):
     return None if kind is None else formers.build("position", kind, dim=D)
 
 
+@pytest.mark.parametrize("impl", ["blocked", "dense"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("causal, pos, N", [(False, None, 19), (True, None, 19), (False, "alibi", 19),
                                             (True, "alibi", 19), (True, "rope", 19), (False, "rope", 3),
                                             (True, None, 2)])
-def test_matches_naive_pattern_values_and_grads(case, causal, pos, N):
-    """N = 19 spans several blocks; N = 2, 3 fit in one block (the unpadded single-block path)."""
-    m = make(case, causal)
+def test_matches_naive_pattern_values_and_grads(case, causal, pos, N, impl):
+    """N = 19 spans several blocks; N = 2, 3 fit in one block (the unpadded single-block path). Both paths: the
+    blocked gathers and the explicit pattern through the fused kernel."""
+    m = make(case, causal, impl=impl)
     ref = CASES[case][1]
     positions = position(pos)
     x = torch.randn(2, N, D, dtype=torch.float64, requires_grad=True)
@@ -184,9 +186,10 @@ def test_patterns_are_really_sparse(case):
     assert p.any(-1).all()
 
 
+@pytest.mark.parametrize("impl", ["blocked", "dense"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_causal_no_leak(case):
-    m = make(case, causal=True)
+def test_causal_no_leak(case, impl):
+    m = make(case, causal=True, impl=impl)
     x = torch.randn(2, 21, D, dtype=torch.float64, requires_grad=True)
     x2 = x.detach().clone()
     x2[:, 11:] = torch.randn(2, 10, D, dtype=torch.float64)
@@ -197,11 +200,12 @@ def test_causal_no_leak(case):
     assert x.grad[:, 11:].abs().max() == 0 and x.grad[:, :11].abs().max() > 0
 
 
+@pytest.mark.parametrize("impl", ["blocked", "dense"])
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("pos", ["rope", "alibi"])
-def test_cached_decoding_equals_full(case, pos):
+def test_cached_decoding_equals_full(case, pos, impl):
     """Chunks and single tokens through a KVCache equal one full pass (queries at an offset, keys growing)."""
-    m = make(case, causal=True)
+    m = make(case, causal=True, impl=impl)
     positions = position(pos)
     x = torch.randn(2, 23, D, dtype=torch.float64)
     full = m(x, positions=positions)
@@ -212,9 +216,10 @@ def test_cached_decoding_equals_full(case, pos):
         torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("impl", ["blocked", "dense"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_padding_never_matters_and_empty_rows_are_zero(case):
-    m = make(case, causal=False)
+def test_padding_never_matters_and_empty_rows_are_zero(case, impl):
+    m = make(case, causal=False, impl=impl)
     x = torch.randn(3, 17, D, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(3, 17, dtype=torch.bool)
     mask[0, 12:] = False
@@ -253,6 +258,29 @@ def test_score_tensors_are_not_quadratic(monkeypatch, name, opts, keys_per_query
     with torch.no_grad():
         m(torch.randn(1, N, D))
     assert 0 < max(seen) and sum(seen) <= H * N * (keys_per_query + 8) < H * N * N / 4
+
+
+@pytest.mark.parametrize("name, opts, N, dense", [
+    ("longformer", {"window": 512}, 1024, True),  # LRA's window covers most of a 1K input
+    ("bigbird", {"block": 64, "max_len": 1024}, 1024, True),
+    ("local", {"window": 128}, 2048, False),
+    ("local", {"window": 16}, 1024, False),
+])
+def test_auto_path_goes_dense_only_when_the_pattern_is(monkeypatch, name, opts, N, dense):
+    calls = []
+    real = sa.F.scaled_dot_product_attention
+
+    def spy(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sa.F, "scaled_dot_product_attention", spy)
+    m = formers.build("mixer", name, dim=D, heads=H, **opts)
+    with torch.no_grad():
+        m(torch.randn(1, N, D))
+    assert bool(calls) == dense
+    with pytest.raises(formers.FormersError, match="impl must be"):
+        formers.build("mixer", name, dim=D, heads=H, impl="fast")
 
 
 def test_bigbird_random_blocks_fixed_by_seed():
