@@ -22,6 +22,8 @@ On a shared 2-core machine the three phases can be separated so that only the ti
     --train-threads 1      train the planned steps with one thread (accuracy depends on the step count only, so the
                            other core may do other work meanwhile; train_seconds then shows the slower wall time)
     --measure-only         re-time inference images/s of the finished rows (idle machine) and rewrite the JSON/PNG
+To check a committed row on another machine, take its step count instead of re-timing (a faster or slower CPU would
+otherwise plan a different run): --steps-from results/vision_fmnist.json --out /tmp/check.json --tmp /tmp/check
 Writes results/vision_fmnist.json and results/vision_fmnist.png (test accuracy against inference throughput).
 """
 
@@ -108,13 +110,18 @@ def seconds_per_step(cfg: dict[str, Any], task, budget_s: float) -> float:
     return statistics.median(times)
 
 
-def plan(name: str, cfg: dict[str, Any], task, budget_s: float, plan_file: Path) -> dict[str, Any]:
-    """Steps for the budget (kept in plan_file so that a resumed run uses the same count and schedule)."""
+def plan(name: str, cfg: dict[str, Any], task, budget_s: float, plan_file: Path,
+         fixed: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Steps for the budget (kept in plan_file so that a resumed run uses the same count and schedule); `fixed`, a
+    committed row of this model, gives its step count instead of timing this machine."""
     if plan_file.exists():
         return json.loads(plan_file.read_text())
-    sps = seconds_per_step(cfg, task, budget_s)
-    steps = max(2, int(budget_s / sps))
-    p = {"model": name, "budget_s": budget_s, "seconds_per_step": sps, "steps": steps}
+    if fixed is not None:
+        p = {"model": name, "budget_s": fixed["budget_s"], "seconds_per_step": fixed["seconds_per_step"],
+             "steps": int(fixed["steps"]), "steps_from": "committed row"}
+    else:
+        sps = seconds_per_step(cfg, task, budget_s)
+        p = {"model": name, "budget_s": budget_s, "seconds_per_step": sps, "steps": max(2, int(budget_s / sps))}
     plan_file.parent.mkdir(parents=True, exist_ok=True)
     plan_file.write_text(json.dumps(p))
     return p
@@ -148,13 +155,14 @@ def images_per_s(model: torch.nn.Module, in_chans: int, side: int, batch: int = 
 
 
 def run_one(name: str, budget_s: float, threads: int, tmp: Path, train_threads: int | None = None,
-            plan_only: bool = False, overrides: list[str] | None = None) -> dict[str, Any] | None:
+            plan_only: bool = False, overrides: list[str] | None = None,
+            fixed: dict[str, Any] | None = None) -> dict[str, Any] | None:
     torch.set_num_threads(threads)
     cfg = apply_overrides(recipe_for(name), list(overrides or []))
     task = build_task(copy.deepcopy(cfg["task"]))
     task.prepare()
     run_dir = tmp / name
-    p = plan(name, cfg, task, budget_s, tmp / f"{name}.plan.json")
+    p = plan(name, cfg, task, budget_s, tmp / f"{name}.plan.json", fixed)
     if plan_only:
         print(f"planned {name}: {p['steps']} steps ({p['seconds_per_step']:.3f} s/step)", flush=True)
         return None
@@ -226,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
                          "the planned step count is the model's, so change nothing that alters a step's cost")
     ap.add_argument("--out", default="results/vision_fmnist.json")
     ap.add_argument("--tmp", default=None, help="run folders (default results/tmp/vision_fmnist)")
+    ap.add_argument("--steps-from", default=None, metavar="JSON",
+                    help="take each model's step count from the rows of this results file (e.g. the committed "
+                         "results/vision_fmnist.json) instead of timing this machine: reproduces a row's run")
     a = ap.parse_args(argv)
     out = Path(a.out)
     tmp = Path(a.tmp) if a.tmp else Path("results/tmp/vision_fmnist")
@@ -237,6 +248,19 @@ def main(argv: list[str] | None = None) -> int:
     if not src.ready():
         src.fetch()  # from the local Debian package; no network
     torch.set_num_threads(a.threads)
+    fixed: dict[str, dict[str, Any]] = {}
+    if a.steps_from:
+        if not Path(a.steps_from).exists():
+            raise SystemExit(f"--steps-from: no file {a.steps_from}; give a results JSON such as "
+                             f"results/vision_fmnist.json")
+        fixed = {r["model"]: r for r in load_rows(Path(a.steps_from))}
+        missing = [n for n in names if n not in fixed]
+        if missing:
+            raise SystemExit(f"--steps-from {a.steps_from} has no row for {', '.join(missing)}; leave them out "
+                             f"(--only) or drop --steps-from")
+        if Path(a.steps_from).resolve() == out.resolve():
+            raise SystemExit("--steps-from names the output file, whose finished rows are skipped; write the "
+                             "reproduction elsewhere with --out /tmp/check.json --tmp /tmp/check")
     rows = load_rows(out)
     done = {r["model"] for r in rows}
     m = meta(" ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]))
@@ -255,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in done and not a.plan_only:
             continue
         try:
-            row = run_one(name, a.budget_s, a.threads, tmp, a.train_threads, a.plan_only, a.overrides)
+            row = run_one(name, a.budget_s, a.threads, tmp, a.train_threads, a.plan_only, a.overrides,
+                          fixed.get(name))
             if row is None:
                 continue
             rows.append(row)
