@@ -201,6 +201,8 @@ def test_vit_recipes_resolve():
         task = {k: v for k, v in cfg["task"].items() if k != "label_smoothing"}
         assert task == {"name": "image_classification", "dataset": "fashion_mnist", "augment": "none",
                         "eval_limit": 2000}
+    tiny = [e.name for e in formers.entries("model") if e.name.endswith("_tiny")]
+    assert len(tiny) >= 12 and all(f"vit/{n}_fmnist" in names for n in tiny)  # a recipe for every tiny variant
     with pytest.raises(FormersError, match="unknown recipe"):
         load_recipe("vit/no_such_recipe")
 
