@@ -234,3 +234,36 @@ def test_generate_refuses_negative_new_tokens():
     m = formers.create_model("lm", vocab=16, dim=16, depth=1, max_len=32)
     with pytest.raises(FormersError, match="max_new_tokens must be >= 0"):
         m.generate(torch.zeros(1, 3, dtype=torch.long), -1)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_mlp_inference_fused_gelu_equals_plain(monkeypatch, approximate, bias):
+    """Without autograd the MLP runs fc1 + GELU as one oneDNN op (where torch has it): equal to the plain
+    W2 GELU(W1 x + b1) + b2 written here, on a 3-D input; with autograd, or with a hook on fc1, the plain path."""
+    from formers.nn import ffn
+
+    torch.manual_seed(0)
+    m = formers.build("ffn", "mlp", dim=48, mult=4, bias=bias, act={"name": "gelu", "approximate": approximate}).eval()
+    x = torch.randn(3, 17, 48)
+    b1 = m.fc1.bias if bias else 0
+    b2 = m.fc2.bias if bias else 0
+    ref = torch.nn.functional.gelu(x @ m.fc1.weight.T + b1, approximate=approximate) @ m.fc2.weight.T + b2
+    calls = []
+    real = ffn.linear_gelu
+    monkeypatch.setattr(ffn, "linear_gelu", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        y = m(x)
+    torch.testing.assert_close(y, ref.detach(), atol=1e-5, rtol=1e-5)
+    assert bool(calls) == ffn._ONEDNN_LINEAR
+    calls.clear()
+    y2 = m(x)  # autograd on: the plain path, and it trains
+    y2.sum().backward()
+    assert not calls and m.fc1.weight.grad is not None
+    seen = []
+    h = m.fc1.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with torch.no_grad():
+        y3 = m(x)
+    h.remove()
+    assert not calls and seen == [(3, 17, 192)]  # a hook on fc1 is honoured
+    torch.testing.assert_close(y3, ref.detach(), atol=1e-5, rtol=1e-5)
