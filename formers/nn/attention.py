@@ -23,6 +23,16 @@ from torch import nn
 from formers.registry import FormersError, register
 
 
+def hook_free(*mods: nn.Module) -> bool:
+    """No hooks of any kind on these modules, nor global ones: a fast path that skips their forward may run."""
+    glob = torch.nn.modules.module
+    if (glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
+            or glob._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in mods)
+
+
 class KVCache:
     """Per-layer decoding cache. Softmax-style mixers keep keys and values (B, H_kv, L, Dh), appended along L with
     `update`; recurrent mixers (linear attention, ...) keep whatever they need in `state` and call `advance(n)`.
@@ -244,13 +254,8 @@ class SoftmaxAttention(nn.Module):
         and `q`, `kv` plain nn.Linear layers without hooks of any kind (theirs or global ones), since the fused
         path does not call them."""
         q, kv = self.q, self.kv
-        hooked = any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                     for m in (q, kv))
-        glob = torch.nn.modules.module
-        hooked = hooked or bool(glob._global_forward_hooks or glob._global_forward_pre_hooks
-                                or glob._global_backward_hooks or glob._global_backward_pre_hooks)
         return (type(self).project is SoftmaxAttention.project and "project" not in self.__dict__
-                and type(q) is nn.Linear and type(kv) is nn.Linear and not hooked)
+                and type(q) is nn.Linear and type(kv) is nn.Linear and hook_free(q, kv))
 
     def _fused_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention q (B, H, N, Dh), k, v (B, Hkv, N, Dh), equal to `project` (the tests compare values and
