@@ -206,6 +206,13 @@ def run_speed(mixers: list[str], lengths: list[int], out: Path, timeout_s: float
 
 # ------------------------------------------------------------------------------------------------------ reports
 
+def _ordered(canonical, *groups) -> list[str]:
+    """The union of `groups`, in the canonical order first, then anything else in order of appearance."""
+    seen = {x for g in groups for x in g}
+    rest = [x for g in groups for x in g if x not in canonical]
+    return [x for x in canonical if x in seen] + list(dict.fromkeys(rest))
+
+
 def accuracy_table(rows: list[dict], mixers: list[str], tasks: list[str]) -> str:
     by = {(r["task"], r["mixer"]): r for r in rows}
     head = ["mixer"] + [f"{t}{'*' if t in SUBSTITUTED else ''}" for t in tasks] + ["avg"]
@@ -330,9 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_speed:
         speed = run_speed(["softmax", *[x for x in a.mixers if x != "softmax"]], a.lengths, out / "speed.json")
     rows = load_rows(res)  # other processes may have added pairs meanwhile
+    # the table shows everything recorded in this folder, not only this invocation's pairs, so that a run of one
+    # task (or two runners on disjoint tasks) never overwrites table.md with a slice of the sweep
+    tasks = _ordered(TASKS, a.tasks, [r["task"] for r in rows])
+    mixers = _ordered(MIXERS, a.mixers, [r["mixer"] for r in rows])
+    lengths = sorted(set(a.lengths) | {r["n"] for r in speed if "n" in r})
     text = "# Long Range Arena, " + a.mode + " mode\n\n## Test accuracy (%)\n\n" + \
-        accuracy_table(rows, a.mixers, a.tasks) + "\n\n## Speed and memory (Table 2 style)\n\n" + \
-        speed_table(speed, a.mixers, a.lengths) + "\n"
+        accuracy_table(rows, mixers, tasks) + "\n\n## Speed and memory (Table 2 style)\n\n" + \
+        speed_table(speed, mixers, lengths) + "\n"
     (out / "table.md").write_text(text)
     if rows:
         plot(rows, speed, out / "lra.png")

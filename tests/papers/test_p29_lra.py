@@ -188,6 +188,9 @@ def test_lra_runner_end_to_end(tmp_path, monkeypatch):
     # finished pairs are not re-run
     monkeypatch.setattr(bench, "run_pair", lambda *a, **k: pytest.fail("re-ran a finished pair"))
     assert bench.main(["--tasks", "listops", "--mixers", "softmax", "--no-speed"]) == 0
+    # a run of one pair rewrites table.md with every recorded pair, not only its own
+    table = (tmp_path / "results/lra/lite/table.md").read_text()
+    assert "| softmax |" in table and "| linear |" in table and "16.1" in table
 
 
 def test_lra_pair_folder_of_another_recipe_starts_over(tmp_path, monkeypatch):
