@@ -18,10 +18,10 @@ Fashion-MNIST as pixel sequences (for grey CIFAR-10). A pair within 1 point of t
 paper marks chance-level results.
 
 Resumable: a finished pair is a row of results/lra/<mode>/results.json and is not re-run; an interrupted one resumes
-from its checkpoint under results/tmp/lra/<mode>/<task>-<mixer>. Also writes table.md (accuracy and speed tables),
-speed.json (fresh-subprocess timings) and lra.png (accuracy against speed). Processes on disjoint tasks may run side by
-side (e.g. `--tasks listops text retrieval` beside `--tasks image pathfinder`, one thread each): a finished pair is
-merged into results.json under a file lock.
+from its checkpoint under results/tmp/lra/<mode>/<task>-<mixer> (OUT/tmp/ with --out). Also writes table.md (accuracy
+and speed tables, every pair recorded in the folder), speed.json (fresh-subprocess timings) and lra.png (accuracy
+against speed). Processes on disjoint tasks may run side by side (e.g. `--tasks listops text retrieval` beside
+`--tasks image pathfinder`, one thread each): a finished pair is merged into results.json under a file lock.
 """
 
 from __future__ import annotations
@@ -299,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mixers", nargs="*", default=list(MIXERS), help=f"default: the paper's table + sla: "
                     f"{' '.join(MIXERS)}")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None, help="folder (default results/lra/<mode>)")
+    ap.add_argument("--out", default=None,
+                    help="folder (default results/lra/<mode>, checkpoints in results/tmp/lra/<mode>); with --out, "
+                    "checkpoints go to OUT/tmp, so another folder never resumes this one's pairs")
     ap.add_argument("--speed-only", action="store_true", help="only the speed/memory table")
     ap.add_argument("--no-speed", action="store_true", help="skip the speed/memory table")
     ap.add_argument("--lengths", nargs="*", type=int, default=list(SPEED_LENGTHS),
@@ -311,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     for mx in a.mixers:
         formers.get("mixer", mx)  # a typo fails before anything trains
     out = Path(a.out) if a.out else Path("results/lra") / a.mode
-    tmp = Path("results/tmp/lra") / a.mode
+    tmp = out / "tmp" if a.out else Path("results/tmp/lra") / a.mode
     out.mkdir(parents=True, exist_ok=True)
     res = out / "results.json"
     rows = load_rows(res)

@@ -8,6 +8,7 @@ a connectivity check on the drawn paths; every task is a deterministic function 
 
 import random
 import statistics
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -191,6 +192,26 @@ def test_lra_runner_end_to_end(tmp_path, monkeypatch):
     # a run of one pair rewrites table.md with every recorded pair, not only its own
     table = (tmp_path / "results/lra/lite/table.md").read_text()
     assert "| softmax |" in table and "| linear |" in table and "16.1" in table
+
+
+def test_lra_out_folder_keeps_its_own_checkpoints(tmp_path, monkeypatch):
+    """With --out the checkpoints live under OUT/tmp: a run into a fresh folder trains its pairs anew instead of
+    resuming (and instantly finishing) the default folder's runs."""
+    from formers.bench import lra as bench
+
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def fake(task, mixer, mode, tmp, seed=0, progress=True):
+        seen.append(Path(tmp))
+        return {"task": task, "mixer": mixer, "test_acc": 0.5, "majority": 0.1, "fail": False, "published": 1.0,
+                "pair_seconds": 0.0}
+
+    monkeypatch.setattr(bench, "run_pair", fake)
+    monkeypatch.setattr(bench, "plot", lambda *a, **k: None)
+    assert bench.main(["--tasks", "listops", "--mixers", "softmax", "--no-speed"]) == 0
+    assert bench.main(["--tasks", "listops", "--mixers", "softmax", "--no-speed", "--out", "elsewhere"]) == 0
+    assert seen == [Path("results/tmp/lra/lite"), Path("elsewhere/tmp")]
 
 
 def test_lra_pair_folder_of_another_recipe_starts_over(tmp_path, monkeypatch):
