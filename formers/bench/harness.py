@@ -153,3 +153,18 @@ def save_row(path: Path, meta_: dict[str, Any], row: dict[str, Any], key: tuple[
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return rows
+
+
+def replace_section(path: Path, start: str, end: str, body: str) -> bool:
+    """Replace the text between the `start` and `end` markers of a file (the README's generated sections),
+    atomically; False when the markers are missing."""
+    text = path.read_text()
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    new = head + start + "\n" + body.strip("\n") + "\n" + end + rest.split(end, 1)[1]
+    if new != text:
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(new)
+        tmp.replace(path)
+    return True

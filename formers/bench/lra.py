@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from formers.bench.harness import load_rows, meta, run_point, save, save_row
+from formers.bench.harness import load_rows, meta, replace_section, run_point, save, save_row
 from formers.registry import FormersError, _hint
 
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder")
@@ -242,6 +242,18 @@ def accuracy_table(rows: list[dict], mixers: list[str], tasks: list[str]) -> str
     return "\n".join(lines) + (f"\n\nCells: ours / published (Table 1).{subst} FAIL = within 1 point of majority.")
 
 
+def readme_markers(mode: str) -> tuple[str, str]:
+    return f"<!-- lra-{mode}:start -->", f"<!-- lra-{mode}:end -->"
+
+
+def readme_section(rows: list[dict], mode: str, tasks: list[str], mixers: list[str]) -> str:
+    """The README's table of the committed sweep (accuracy only; table.md also has the speed/memory table)."""
+    threads = sorted({r["threads"] for r in rows if "threads" in r})
+    return (f"`formers bench lra --mode {mode}`: {len(rows)} pairs, test accuracy (%) of each (task, mixer) beside the "
+            f"paper's, trained on a 2-core CPU ({'/'.join(map(str, threads))} threads per pair); the speed/memory "
+            f"table and the plot are in `results/lra/{mode}/`.\n\n" + accuracy_table(rows, mixers, tasks))
+
+
 def speed_table(rows: list[dict], mixers: list[str], lengths: list[int]) -> str:
     ref = {r["n"]: r for r in rows if r["mixer"] == "softmax" and "seconds" in r}
     head = ["mixer"] + [f"steps/s x softmax @{n // 1024}K" for n in lengths] + \
@@ -353,6 +365,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "table.md").write_text(text)
     if rows:
         plot(rows, speed, out / "lra.png")
+    if not a.out and Path("README.md").exists() and \
+            replace_section(Path("README.md"), *readme_markers(a.mode), readme_section(rows, a.mode, tasks, mixers)):
+        print("updated the Long Range Arena table of README.md")
     print(text)
     if failed:
         print("failed (not recorded; rerun to retry):\n  " + "\n  ".join(failed))

@@ -475,17 +475,10 @@ def readme_section(res: dict) -> str:
 
 def update_readme(res: dict, readme: Path) -> bool:
     """Replace the section between the speed markers in the README; False when the markers are missing."""
-    text = readme.read_text()
-    if README_START not in text or README_END not in text:
-        return False
-    head, rest = text.split(README_START, 1)
-    tail = rest.split(README_END, 1)[1]
-    new = head + readme_section(res) + tail
-    if new != text:
-        tmp = readme.with_suffix(".md.tmp")
-        tmp.write_text(new)
-        tmp.replace(readme)
-    return True
+    from formers.bench.harness import replace_section
+
+    body = readme_section(res).removeprefix(README_START).removesuffix(README_END)
+    return replace_section(readme, README_START, README_END, body)
 
 
 def plot(res: dict, path: Path) -> None:

@@ -170,7 +170,10 @@ def test_lra_runner_end_to_end(tmp_path, monkeypatch):
         return cfg
 
     monkeypatch.setattr(bench, "recipe", tiny)
+    (tmp_path / "README.md").write_text("# x\n<!-- lra-lite:start -->\nold\n<!-- lra-lite:end -->\ntail\n")
     assert bench.main(["--tasks", "listops", "--mixers", "softmax", "linear", "--no-speed"]) == 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "old" not in readme and "| linear |" in readme and readme.endswith("<!-- lra-lite:end -->\ntail\n")
     rows = {r["mixer"]: r for r in bench.load_rows(tmp_path / "results/lra/lite/results.json")}
     assert set(rows) == {"softmax", "linear"}
     assert rows["softmax"]["published"] == 36.37 and rows["linear"]["published"] == 16.13
@@ -270,3 +273,14 @@ def _write_rows(path: str, task: str) -> None:
 
     for i in range(10):
         save_row(Path(path), {}, {"task": task, "mixer": f"m{i}", "test_acc": 0.1}, ("task", "mixer"))
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    """README's Long Range Arena table is the one the runner writes from results/lra/lite/results.json."""
+    from formers.bench import lra as bench
+
+    root = Path(__file__).resolve().parents[2]
+    rows = bench.load_rows(root / "results/lra/lite/results.json")
+    section = bench.readme_section(rows, "lite", list(bench.TASKS), list(bench.MIXERS))
+    assert section in (root / "README.md").read_text(), \
+        "README is stale: run `formers bench lra --mode lite --no-speed` (it rewrites the table)"
