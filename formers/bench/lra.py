@@ -71,7 +71,9 @@ LITE_MODEL = {"dim": 64, "depth": 2, "heads": 2, "mult": 2}
 # Steps and batch per task in lite mode, the same for every mixer. Sized from the softmax pair here (2 threads):
 # a training step took 0.48 s (ListOps, batch 32), 1.53 s (Text, 32), 2.2 s (Retrieval, 32 pairs), 0.62 s (Image,
 # 32), 1.03 s (Pathfinder, 32), and the final val + test evaluation (500 + 1,000 examples) adds 8-26 s; so that the
-# softmax pair stays under ~2.5 minutes (the 60 pairs then fit ~3 hours, the faster mixers paying for the slower).
+# softmax pair stays under ~2.5 minutes (measured idle, 2 threads: 100-172 s per task). The whole sweep does not fit
+# ~3 hours, though: the slow mixers dominate (synthesizer's dense N x N weights, performer, reformer), and the committed
+# 60 pairs, run as two 1-thread runners side by side, sum to 8.25 h of runner time (about 4 h of wall time).
 LITE_STEPS = {"listops": 250, "text": 240, "retrieval": 120, "image": 220, "pathfinder": 130}
 LITE_BATCH = {"listops": 32, "text": 16, "retrieval": 16, "image": 32, "pathfinder": 32}
 # Learning rates of lite mode, chosen on the validation split with the softmax pair (train.lr overrides, 1 thread):
