@@ -80,7 +80,8 @@ def test_unknown_row_is_a_clear_error():
 def test_readme_section_is_generated_from_the_committed_results(tmp_path):
     res = json.loads((ROOT / "results" / "peers_speed.json").read_text())
     readme = (ROOT / "README.md").read_text()
-    assert speed.readme_section(res) in readme, "README is stale: run `formers bench speed` (it rewrites it)"
+    section = f"{speed.README_START}\n{speed.readme_section(res)}\n{speed.README_END}"
+    assert section in readme, "README is stale: run `formers bench speed` (it rewrites it)"
     for r in res["rows"]:
         assert r["formers_runs"] and len(r["formers_runs"]) == res["meta"]["reps"] >= 7
         assert abs(r["ratio"] - r[next(k for k in r if k.startswith("formers_") and k.endswith("_per_s"))]

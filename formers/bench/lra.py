@@ -252,7 +252,7 @@ def readme_section(rows: list[dict], mode: str, tasks: list[str], mixers: list[s
     """The README's table of the committed sweep (accuracy only; table.md also has the speed/memory table)."""
     threads = sorted({r["threads"] for r in rows if "threads" in r})
     return (f"`formers bench lra --mode {mode}`: {len(rows)} pairs, test accuracy (%) of each (task, mixer) beside the "
-            f"paper's, trained on a 2-core CPU ({'/'.join(map(str, threads))} threads per pair); the speed/memory "
+            f"paper's, trained on a CPU ({'/'.join(map(str, threads))} threads per pair); the speed/memory "
             f"table and the plot are in `results/lra/{mode}/`.\n\n" + accuracy_table(rows, mixers, tasks))
 
 

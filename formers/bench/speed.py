@@ -460,16 +460,14 @@ README_START, README_END = "<!-- speed:start -->", "<!-- speed:end -->"
 
 
 def readme_section(res: dict) -> str:
-    """The README's performance section, generated from results/peers_speed.json."""
+    """The README's performance section (the text between the speed markers), from results/peers_speed.json."""
     m = res["meta"]
     return "\n".join([
-        README_START,
         f"Measured by `{m['command']}` on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date'][:10]} "
         f"(matmul peak {m['peak_mm_gflops']} GFLOP/s; every figure is a median of {m['reps']} interleaved "
         "repetitions in one process, both sides eager):",
         "",
         table(res),
-        README_END,
     ])
 
 
@@ -477,8 +475,7 @@ def update_readme(res: dict, readme: Path) -> bool:
     """Replace the section between the speed markers in the README; False when the markers are missing."""
     from formers.bench.harness import replace_section
 
-    body = readme_section(res).removeprefix(README_START).removesuffix(README_END)
-    return replace_section(readme, README_START, README_END, body)
+    return replace_section(readme, README_START, README_END, readme_section(res))
 
 
 def plot(res: dict, path: Path) -> None:

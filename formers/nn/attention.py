@@ -20,17 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from formers.nn.hooks import hook_free
 from formers.registry import FormersError, register
-
-
-def hook_free(*mods: nn.Module) -> bool:
-    """No hooks of any kind on these modules, nor global ones: a fast path that skips their forward may run."""
-    glob = torch.nn.modules.module
-    if (glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
-            or glob._global_backward_pre_hooks):
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in mods)
 
 
 class KVCache:

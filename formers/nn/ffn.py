@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from formers.nn.attention import hook_free
+from formers.nn.hooks import hook_free
 from formers.registry import build, register
 
 # oneDNN's linear with a fused GELU epilogue (the op torch.compile's CPU backend emits): one pass instead of a

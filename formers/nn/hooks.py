@@ -4,6 +4,8 @@
   during forward; the trainer calls `aux_losses(model)`, which sums and clears them. No ad-hoc return tuples.
 - Step-dependent components (PRepBN's schedule, feature redraw, noise annealing) define `set_step(step)`; the
   trainer calls `set_step(model, step)` before every optimizer step.
+
+Also `hook_free`: whether PyTorch module hooks are absent, so that a fused fast path may skip a submodule's forward.
 """
 
 from __future__ import annotations
@@ -56,3 +58,13 @@ def set_step(model: nn.Module, step: int) -> None:
             m.set_step(step)
     if hasattr(type(model), "set_step"):
         model.set_step(step)
+
+
+def hook_free(*mods: nn.Module) -> bool:
+    """No hooks of any kind on these modules, nor global ones: a fast path that skips their forward may run."""
+    glob = torch.nn.modules.module
+    if (glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
+            or glob._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in mods)

@@ -281,6 +281,7 @@ def test_readme_table_is_generated_from_the_committed_results():
 
     root = Path(__file__).resolve().parents[2]
     rows = bench.load_rows(root / "results/lra/lite/results.json")
-    section = bench.readme_section(rows, "lite", list(bench.TASKS), list(bench.MIXERS))
+    start, end = bench.readme_markers("lite")
+    section = f"{start}\n{bench.readme_section(rows, 'lite', list(bench.TASKS), list(bench.MIXERS))}\n{end}"
     assert section in (root / "README.md").read_text(), \
         "README is stale: run `formers bench lra --mode lite --no-speed` (it rewrites the table)"
