@@ -88,3 +88,30 @@ def test_readme_section_is_generated_from_the_committed_results(tmp_path):
                    / r[next(k for k in r if k.startswith("peer_") and k.endswith("_per_s"))]) < 2e-3
     speed.plot(res, tmp_path / "p.png")
     assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_out_may_be_a_folder_and_a_bad_out_fails_before_any_timing(tmp_path, monkeypatch):
+    assert speed._out_path(str(tmp_path)) == tmp_path / "peers_speed.json"
+    assert speed._out_path(str(tmp_path / "new_folder")) == tmp_path / "new_folder" / "peers_speed.json"
+    assert speed._out_path(str(tmp_path / "r.json")) == tmp_path / "r.json"
+    (tmp_path / "afile").write_text("x")
+    timed = []
+    monkeypatch.setattr(speed, "meta", lambda cmd: timed.append(cmd))  # would start the timing
+    with pytest.raises(FormersError, match="must be a .json file or a folder"):
+        speed.main(["--rows", "packed_encoder", "--out", str(tmp_path / "r.csv")])
+    with pytest.raises(FormersError, match="is a file, not a folder"):
+        speed.main(["--rows", "packed_encoder", "--out", str(tmp_path / "afile" / "r.json")])
+    assert not timed
+
+
+def test_a_folder_out_gets_the_json_and_png(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "row_packed", lambda reps, log: [
+        {"row": "packed_encoder", "peer": "formers padded", "peer_setting": "key-padding mask", "params": 1,
+         "formers_tokens_per_s": 2.0, "formers_runs": [2.0], "peer_tokens_per_s": 1.0, "peer_runs": [1.0],
+         "ratio": 2.0}])
+    monkeypatch.setattr(speed, "meta", lambda cmd: {"peak_mm_gflops": 1.0, "cpu": "test", "threads": 1,
+                                                          "torch": torch.__version__, "date": "2026-01-01"})
+    assert speed.main(["--rows", "packed_encoder", "--reps", "1", "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "peers_speed.json").read_text())
+    assert res["rows"][0]["ratio"] == 2.0 and (tmp_path / "peers_speed.png").stat().st_size > 1000
+    assert not list(tmp_path.glob("*.tmp"))

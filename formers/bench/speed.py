@@ -518,6 +518,18 @@ def _versions() -> dict[str, str]:
     return out
 
 
+def _out_path(arg: str) -> Path:
+    """`--out`: a .json file, or a folder (existing, or named without a suffix) that gets peers_speed.json."""
+    p = Path(arg)
+    if p.is_dir() or not p.suffix:
+        return p / "peers_speed.json"
+    if p.suffix != ".json":
+        raise FormersError(f"bench speed: --out {arg} must be a .json file or a folder (the results are JSON)")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise FormersError(f"bench speed: --out {arg}: {p.parent} is a file, not a folder")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="formers bench speed", description="formers against x-transformers and HF "
                                  "transformers on the same models: ratios measured in one process (issue 10).")
@@ -526,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions per row (median; >= 7)")
     ap.add_argument("--steps", type=int, default=4, help="training steps per repetition")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default="results/peers_speed.json")
+    ap.add_argument("--out", default="results/peers_speed.json",
+                    help="JSON file to write, or a folder to write peers_speed.json (and its PNG) into")
     ap.add_argument("--readme", default=None, help="README to update between its speed markers "
                     "(default: README.md when writing results/peers_speed.json)")
     a = ap.parse_args(argv)
@@ -535,6 +548,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FormersError(f"bench speed: unknown row '{r}'; rows: {', '.join(ROWS)}")
     if a.reps < 1 or a.steps < 1:
         raise FormersError("bench speed: --reps and --steps must be >= 1 (the issue asks for >= 7 repetitions)")
+    out = _out_path(a.out)  # checked before minutes of timing, not after
     if a.threads:
         torch.set_num_threads(a.threads)
     cmd = " ".join(["formers bench speed", *(sys.argv[1:] if argv is None else argv)]).replace(
@@ -557,7 +571,6 @@ def main(argv: list[str] | None = None) -> int:
     for rec in a.recipe:
         rows += row_recipe(rec, a.reps, a.steps, peak, log)
     res = {"meta": m, "rows": rows}
-    out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=1))
