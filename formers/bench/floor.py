@@ -1,0 +1,235 @@
+"""`python benchmarks/kernel_floor.py`: where the time goes (issue 10). The kernel floor of the two speed rows
+that formers does not yet win by the issue's margin, and a profile of each side by kind of op.
+
+    python benchmarks/kernel_floor.py [--reps 9] [--steps 4] [--threads N] [--out results/kernel_floor.json]
+
+For the LM training step (the `formers bench speed` model: vocab 256, dim 256, depth 4, heads 4, seq 256, batch 8,
+AdamW) and the ViT-Tiny forward (224x224, batch 8), the *kernel floor* is the time of only the kernels no
+implementation of that model can skip, called directly on preallocated tensors: every matmul of the model (forward;
+for training also the input and weight gradients), the patch convolution, and the fused attention kernel
+(ATen's CPU flash attention, forward and, for training, backward). Norms, activations, bias additions and gradients,
+residual additions, layout copies, the loss and the optimizer are left out. The floor is timed interleaved with
+formers and the peer (x-transformers `attn_flash=True`; HF ViT with `attn_implementation="sdpa"`) in one process,
+so `peer / floor` is the most any library could gain over the peer with these kernels, and `formers / floor` is
+how much of formers' time is not in them.
+
+Then torch.profiler splits a few steps of each side by op kind (matmul, attention, everything else) so the rest can
+be named. Profiling adds per-op overhead, more for the side with more ops: the wall-clock figures are the
+interleaved medians, the profile only says where the time goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from formers.bench.harness import meta
+from formers.bench.speed import (
+    BATCH,
+    SEQ,
+    VOCAB,
+    TrainStep,
+    formers_lm,
+    formers_vit,
+    hf_vit,
+    interleaved,
+    vit_into_hf,
+    xt_lm,
+)
+from formers.registry import FormersError
+
+MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
+          "aten::mkldnn_convolution", "aten::convolution")
+ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu",
+             "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
+    """(in, out) of every nn.Linear of a model, in module order."""
+    return [(m.in_features, m.out_features) for m in model.modules() if isinstance(m, torch.nn.Linear)]
+
+
+class LMFloor:
+    """The LM training step's unavoidable kernels: for each linear (in -> out) over T tokens, the forward
+    X W^T, the input gradient dY W and the weight gradient dY^T X (6 x in x out x T FLOPs), and per layer the causal
+    flash-attention forward and backward over (B, H, N, Dh)."""
+
+    def __init__(self, shapes: list[tuple[int, int]], tokens: int, layers: int, batch: int, heads: int, seq: int,
+                 head_dim: int):
+        self.shapes, self.layers = shapes, layers
+        dims = {d for s in shapes for d in s}
+        self.X = {d: torch.randn(tokens, d) for d in dims}
+        self.Y = {d: torch.empty(tokens, d) for d in dims}
+        self.DX = {d: torch.empty(tokens, d) for d in dims}
+        self.W = [torch.randn(o, i) * 0.02 for i, o in shapes]
+        self.DW = [torch.empty(o, i) for i, o in shapes]
+        self.qkv = [torch.randn(batch, heads, seq, head_dim) for _ in range(3)]
+        self.matmul_flops = sum(6 * i * o * tokens for i, o in shapes)
+
+    def __call__(self):
+        for (i, o), w, dw in zip(self.shapes, self.W, self.DW):
+            torch.mm(self.X[i], w.t(), out=self.Y[o])
+            torch.mm(self.Y[o], w, out=self.DX[i])
+            torch.mm(self.Y[o].t(), self.X[i], out=dw)
+        q, k, v = self.qkv
+        for _ in range(self.layers):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True)
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(out, q, k, v, out, lse, 0.0, True)
+
+
+class ViTFloor:
+    """The ViT forward's unavoidable kernels: the patch convolution, every linear with its bias (addmm; 2 x in x out
+    FLOPs per token) over the tokens it sees, and per layer the flash-attention forward."""
+
+    def __init__(self, model, batch: int):
+        n = (model.img_size // model.patch_size) ** 2 + 1  # patches + class token
+        self.batch, self.layers, self.heads = batch, model.depth, model.heads
+        tokens = batch * n
+        self.img = torch.randn(batch, 3, model.img_size, model.img_size)
+        conv = model.patch_embed.proj
+        self.cw, self.cb, self.stride = conv.weight.detach().clone(), conv.bias.detach().clone(), conv.stride
+        shapes = linear_shapes(model)
+        self.head, self.body = shapes[-1], shapes[:-1]  # the classifier sees the class token only
+        dims = {d for s in shapes for d in s}
+        self.X = {d: torch.randn(tokens, d) for d in dims}
+        self.Y = {d: torch.empty(tokens, d) for d in dims}
+        self.W = [(torch.randn(o, i) * 0.02, torch.zeros(o)) for i, o in shapes]
+        dh = model.dim // model.heads
+        self.qkv = [torch.randn(batch, model.heads, n, dh) for _ in range(3)]
+        self.matmul_flops = sum(2 * i * o * tokens for i, o in self.body) + 2 * self.head[0] * self.head[1] * batch
+
+    def __call__(self):
+        F.conv2d(self.img, self.cw, self.cb, stride=self.stride)
+        for (i, o), (w, b) in zip(self.body, self.W):
+            torch.addmm(b, self.X[i], w.t(), out=self.Y[o])
+        i, o = self.head
+        w, b = self.W[-1]
+        torch.addmm(b, self.X[i][: self.batch], w.t())
+        q, k, v = self.qkv
+        for _ in range(self.layers):
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+
+
+def profile_by_kind(fn, calls: int) -> dict[str, float]:
+    """Self CPU milliseconds per call of `fn`, split into matmul, attention and the rest (the top rest ops named)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as p:
+        for _ in range(calls):
+            fn()
+    kinds: dict[str, float] = defaultdict(float)
+    rest: dict[str, float] = defaultdict(float)
+    for e in p.key_averages():
+        ms = e.self_cpu_time_total / 1e3 / calls
+        if e.key in MATMUL:
+            kinds["matmul"] += ms
+        elif e.key in ATTENTION:
+            kinds["attention"] += ms
+        else:
+            kinds["rest"] += ms
+            rest[e.key] += ms
+    top = sorted(rest.items(), key=lambda kv: -kv[1])[:8]
+    return {**{k: round(v, 2) for k, v in kinds.items()}, "rest_top": {k: round(v, 2) for k, v in top}}
+
+
+def _row(name: str, sides: dict, reps: int, work: float, unit: str, floor_flops: float) -> dict:
+    times = interleaved(sides, reps)
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    return {"row": name, "unit": unit,
+            **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
+            **{f"{k}_{unit}": round(work / v * 1e3, 2) for k, v in ms.items()},
+            **{f"{k}_runs_ms": [round(t * 1e3, 2) for t in v] for k, v in times.items()},
+            "floor_matmul_gflop": round(floor_flops / 1e9, 3),
+            "peer_over_floor": round(ms["peer"] / ms["floor"], 3),
+            "formers_over_floor": round(ms["formers"] / ms["floor"], 3),
+            "ratio": round(ms["peer"] / ms["formers"], 3)}
+
+
+def lm_row(reps: int, steps: int, log) -> dict:
+    torch.manual_seed(0)
+    ours, peer = formers_lm(), xt_lm(flash=True)
+    D, L, H = ours.dim, len(ours.stack.blocks), 4
+    floor = LMFloor(linear_shapes(ours), BATCH * SEQ, L, BATCH, H, SEQ, D // H)
+    so, sp = TrainStep(ours, BATCH, SEQ, VOCAB), TrainStep(peer, BATCH, SEQ, VOCAB)
+
+    def k(f):
+        return lambda: [f() for _ in range(steps)]
+
+    r = _row("lm_train_step", {"floor": k(floor), "formers": k(so), "peer": k(sp)}, reps, steps * BATCH * SEQ,
+             "tokens_per_s", floor.matmul_flops)
+    for key in ("floor_ms", "formers_ms", "peer_ms"):  # per step
+        r[key] = round(r[key] / steps, 2)
+    r["peer"] = "x-transformers attn_flash=True"
+    r["profile_ms_per_step"] = {"formers": profile_by_kind(so, 3), "peer": profile_by_kind(sp, 3)}
+    log(_line(r))
+    return r
+
+
+def vit_row(reps: int, log) -> dict:
+    torch.manual_seed(0)
+    ours, hf = formers_vit(), hf_vit()
+    vit_into_hf(ours, hf)
+    x = torch.randn(BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    floor = ViTFloor(ours, BATCH)
+
+    def o():
+        with torch.no_grad():
+            return ours(x)
+
+    def h():
+        with torch.no_grad():
+            return hf(pixel_values=x).logits
+
+    with torch.no_grad():
+        r = _row("vit_forward", {"floor": floor, "formers": o, "peer": h}, reps, BATCH, "images_per_s",
+                 floor.matmul_flops)
+        r["peer"] = "HF ViT sdpa"
+        r["profile_ms_per_forward"] = {"formers": profile_by_kind(o, 3), "peer": profile_by_kind(h, 3)}
+    log(_line(r))
+    return r
+
+
+def _line(r: dict) -> str:
+    return (f"{r['row']:<14} floor {r['floor_ms']:7.1f} ms  formers {r['formers_ms']:7.1f} ms "
+            f"({r['formers_over_floor']:.2f}x floor)  peer {r['peer_ms']:7.1f} ms ({r['peer_over_floor']:.2f}x "
+            f"floor)  formers vs peer x{r['ratio']:.2f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python benchmarks/kernel_floor.py",
+                                 description=__doc__.split("\n\n")[0])
+    ap.add_argument("--reps", type=int, default=9)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="results/kernel_floor.json")
+    a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    if out.suffix != ".json":
+        raise FormersError(f"kernel_floor: --out {a.out} must be a .json file")
+    m = meta("python benchmarks/kernel_floor.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    m.update(reps=a.reps, steps=a.steps)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    res = {"meta": m, "rows": [lm_row(a.reps, a.steps, log), vit_row(a.reps, log)]}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=1))
+    tmp.replace(out)
+    for r in res["rows"]:
+        prof = r.get("profile_ms_per_step") or r["profile_ms_per_forward"]
+        for side in ("formers", "peer"):
+            p = prof[side]
+            top = ", ".join(f"{k.replace('aten::', '')} {v:.1f}" for k, v in list(p["rest_top"].items())[:6])
+            log(f"  {r['row']} {side:<7} profile ms: matmul {p.get('matmul', 0):.1f}, attention "
+                f"{p.get('attention', 0):.1f}, rest {p.get('rest', 0):.1f} ({top})")
+    log(f"wrote {out}")
+    return 0
