@@ -42,3 +42,17 @@ def test_bad_out_is_refused_before_timing(monkeypatch):
     monkeypatch.setattr(floor, "meta", lambda cmd: pytest.fail("timed before checking --out"))
     with pytest.raises(FormersError, match="must be a .json file"):
         floor.main(["--out", "results/floor.csv"])
+
+
+def test_readme_table_is_generated_from_the_committed_results():
+    import json
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    res = json.loads((root / "results" / "kernel_floor.json").read_text())
+    readme = (root / "README.md").read_text()
+    section = f"{floor.README_START}\n{floor.readme_section(res)}\n{floor.README_END}"
+    assert section in readme, "README is stale: run `python benchmarks/kernel_floor.py` (it rewrites it)"
+    for r in res["rows"]:
+        assert len(r["formers_runs_ms"]) == len(r["peer_runs_ms"]) == res["meta"]["reps"] >= 7
+        assert abs(r["ratio"] - r["peer_ms"] / r["formers_ms"]) < 2e-3

@@ -203,6 +203,28 @@ def _line(r: dict) -> str:
             f"floor)  formers vs peer x{r['ratio']:.2f}")
 
 
+README_START, README_END = "<!-- floor:start -->", "<!-- floor:end -->"
+
+
+def readme_section(res: dict) -> str:
+    """The README's kernel-floor table (between the floor markers), from results/kernel_floor.json."""
+    m = res["meta"]
+    lines = [f"Measured by `{m['command']}` on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
+             f"{m['date'][:10]} (medians of {m['reps']} interleaved repetitions; profile in ms of self CPU time):",
+             "",
+             "| row | kernel floor | formers | peer | peer / floor | formers / floor | formers vs peer | "
+             "formers: matmul / attention / rest | peer: matmul / attention / rest |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in res["rows"]:
+        prof = r.get("profile_ms_per_step") or r["profile_ms_per_forward"]
+        cell = {s: " / ".join(f"{prof[s].get(k, 0):.0f}" for k in ("matmul", "attention", "rest"))
+                for s in ("formers", "peer")}
+        lines.append(f"| {r['row']} vs {r['peer']} | {r['floor_ms']:.0f} ms | {r['formers_ms']:.0f} ms | "
+                     f"{r['peer_ms']:.0f} ms | {r['peer_over_floor']:.2f}x | {r['formers_over_floor']:.2f}x | "
+                     f"{r['ratio']:.2f}x | {cell['formers']} | {cell['peer']} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python benchmarks/kernel_floor.py",
                                  description=__doc__.split("\n\n")[0])
@@ -224,6 +246,11 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=1))
     tmp.replace(out)
+    if out == Path("results/kernel_floor.json") and Path("README.md").exists():
+        from formers.bench.harness import replace_section
+
+        if replace_section(Path("README.md"), README_START, README_END, readme_section(res)):
+            log("updated the kernel-floor table in README.md")
     for r in res["rows"]:
         prof = r.get("profile_ms_per_step") or r["profile_ms_per_forward"]
         for side in ("formers", "peer"):
