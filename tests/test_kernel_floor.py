@@ -56,3 +56,22 @@ def test_readme_table_is_generated_from_the_committed_results():
     for r in res["rows"]:
         assert len(r["formers_runs_ms"]) == len(r["peer_runs_ms"]) == res["meta"]["reps"] >= 7
         assert abs(r["ratio"] - r["peer_ms"] / r["formers_ms"]) < 2e-3
+
+
+def test_page_faults_per_call_counts_freshly_mapped_pages():
+    import mmap
+
+    import numpy as np
+
+    pages = 512
+
+    def touch_fresh():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
+            a = np.frombuffer(m, dtype=np.uint8)
+            a[:: mmap.PAGESIZE] = 1
+            del a
+
+    n = floor.faults_per_call(touch_fresh, calls=3)
+    assert pages <= n < pages * 1.5
+    assert floor.faults_per_call(lambda: None, calls=3) < 5
+    assert floor.fault_cost_us(mib=8) > 0

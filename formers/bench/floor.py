@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -140,10 +142,45 @@ def profile_by_kind(fn, calls: int) -> dict[str, float]:
     return {**{k: round(v, 2) for k, v in kinds.items()}, "rest_top": {k: round(v, 2) for k, v in top}}
 
 
+def fault_cost_us(mib: int = 64) -> float:
+    """Microseconds per minor page fault on this machine: touch one byte of every page of fresh anonymous memory
+    (the kernel zeroes and maps each page; on a VM this can cost more than a small matmul per 4 KiB)."""
+    import mmap
+
+    import numpy as np
+
+    costs = []
+    for _ in range(3):
+        with mmap.mmap(-1, mib << 20) as m:
+            a = np.frombuffer(m, dtype=np.uint8)
+            f0, t = _minflt(), time.perf_counter()
+            a[:: mmap.PAGESIZE] = 1
+            dt, n = time.perf_counter() - t, _minflt() - f0
+            del a
+        costs.append(dt / max(n, 1) * 1e6)
+    return round(statistics.median(costs), 2)
+
+
+def _minflt() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def faults_per_call(fn, calls: int = 3) -> float:
+    """Minor page faults per call of `fn` (after one warm-up call): memory the allocator had returned to the system
+    and maps afresh. glibc gives blocks above its (adaptive) mmap threshold back on free, so the count depends on
+    the process's allocation history; it is the main reason one side's time differs from run to run here."""
+    fn()
+    f0 = _minflt()
+    for _ in range(calls):
+        fn()
+    return round((_minflt() - f0) / calls, 1)
+
+
 def _row(name: str, sides: dict, reps: int, work: float, unit: str, floor_flops: float) -> dict:
     times = interleaved(sides, reps)
     ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
     return {"row": name, "unit": unit,
+            "page_faults_per_call": {k: faults_per_call(f) for k, f in sides.items()},
             **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
             **{f"{k}_{unit}": round(work / v * 1e3, 2) for k, v in ms.items()},
             **{f"{k}_runs_ms": [round(t * 1e3, 2) for t in v] for k, v in times.items()},
@@ -167,6 +204,9 @@ def lm_row(reps: int, steps: int, log) -> dict:
              "tokens_per_s", floor.matmul_flops)
     for key in ("floor_ms", "formers_ms", "peer_ms"):  # per step
         r[key] = round(r[key] / steps, 2)
+    r["page_faults_per_call"] = {k: round(v / steps, 1) for k, v in r["page_faults_per_call"].items()}  # per step
+    for k in ("floor", "formers", "peer"):
+        r[f"{k}_runs_ms"] = [round(t / steps, 2) for t in r[f"{k}_runs_ms"]]
     r["peer"] = "x-transformers attn_flash=True"
     r["profile_ms_per_step"] = {"formers": profile_by_kind(so, 3), "peer": profile_by_kind(sp, 3)}
     log(_line(r))
@@ -200,7 +240,8 @@ def vit_row(reps: int, log) -> dict:
 def _line(r: dict) -> str:
     return (f"{r['row']:<14} floor {r['floor_ms']:7.1f} ms  formers {r['formers_ms']:7.1f} ms "
             f"({r['formers_over_floor']:.2f}x floor)  peer {r['peer_ms']:7.1f} ms ({r['peer_over_floor']:.2f}x "
-            f"floor)  formers vs peer x{r['ratio']:.2f}")
+            f"floor)  formers vs peer x{r['ratio']:.2f}  page faults per call: formers "
+            f"{r['page_faults_per_call']['formers']:,.0f}, peer {r['page_faults_per_call']['peer']:,.0f}")
 
 
 README_START, README_END = "<!-- floor:start -->", "<!-- floor:end -->"
@@ -209,20 +250,34 @@ README_START, README_END = "<!-- floor:start -->", "<!-- floor:end -->"
 def readme_section(res: dict) -> str:
     """The README's kernel-floor table (between the floor markers), from results/kernel_floor.json."""
     m = res["meta"]
+    us = m.get("page_fault_us")
     lines = [f"Measured by `{m['command']}` on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
-             f"{m['date'][:10]} (medians of {m['reps']} interleaved repetitions; profile in ms of self CPU time):",
+             f"{m['date'][:10]} (medians of {m['reps']} interleaved repetitions; profile in ms of self CPU time; "
+             f"a minor page fault costs {us} us here):",
              "",
              "| row | kernel floor | formers | peer | peer / floor | formers / floor | formers vs peer | "
-             "formers: matmul / attention / rest | peer: matmul / attention / rest |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "formers: matmul / attention / rest | peer: matmul / attention / rest | page faults per call, formers / "
+             "peer |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         prof = r.get("profile_ms_per_step") or r["profile_ms_per_forward"]
         cell = {s: " / ".join(f"{prof[s].get(k, 0):.0f}" for k in ("matmul", "attention", "rest"))
                 for s in ("formers", "peer")}
         lines.append(f"| {r['row']} vs {r['peer']} | {r['floor_ms']:.0f} ms | {r['formers_ms']:.0f} ms | "
                      f"{r['peer_ms']:.0f} ms | {r['peer_over_floor']:.2f}x | {r['formers_over_floor']:.2f}x | "
-                     f"{r['ratio']:.2f}x | {cell['formers']} | {cell['peer']} |")
+                     f"{r['ratio']:.2f}x | {cell['formers']} | {cell['peer']} | {_faults(r, us)} |")
     return "\n".join(lines)
+
+
+def _faults(r: dict, us: float | None) -> str:
+    pf = r.get("page_faults_per_call")
+    if not pf:
+        return ""
+    cells = []
+    for side in ("formers", "peer"):
+        n = pf[side]
+        cells.append(f"{n:,.0f}" + (f" (~{n * us / 1e3:.0f} ms)" if us else ""))
+    return " / ".join(cells)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.suffix != ".json":
         raise FormersError(f"kernel_floor: --out {a.out} must be a .json file")
     m = meta("python benchmarks/kernel_floor.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    m.update(reps=a.reps, steps=a.steps)
+    m.update(reps=a.reps, steps=a.steps, page_fault_us=fault_cost_us())
     log = lambda s: print(s, flush=True)  # noqa: E731
     res = {"meta": m, "rows": [lm_row(a.reps, a.steps, log), vit_row(a.reps, log)]}
     out.parent.mkdir(parents=True, exist_ok=True)
