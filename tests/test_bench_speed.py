@@ -115,3 +115,21 @@ def test_a_folder_out_gets_the_json_and_png(tmp_path, monkeypatch):
     res = json.loads((tmp_path / "peers_speed.json").read_text())
     assert res["rows"][0]["ratio"] == 2.0 and (tmp_path / "peers_speed.png").stat().st_size > 1000
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_interleaving_counts_each_sides_page_faults():
+    import mmap
+
+    import numpy as np
+
+    def fresh_pages():  # maps and touches 256 new pages on every call
+        with mmap.mmap(-1, 256 * mmap.PAGESIZE) as m:
+            a = np.frombuffer(m, dtype=np.uint8)
+            a[:: mmap.PAGESIZE] = 1
+            del a
+
+    pf: dict = {}
+    times = speed.interleaved({"formers": lambda: None, "peer": fresh_pages}, reps=5, faults=pf)
+    s = speed._summary(times, 1.0, "calls_per_s", pf, per=2)
+    assert all(256 <= n < 400 for n in pf["peer"]) and max(pf["formers"]) < 5
+    assert 128 <= s["peer_page_faults"] < 200 and s["formers_page_faults"] < 3

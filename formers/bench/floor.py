@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import sys
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from formers.bench.harness import meta
+from formers.bench.harness import meta, minor_faults
 from formers.bench.speed import (
     BATCH,
     SEQ,
@@ -153,16 +152,12 @@ def fault_cost_us(mib: int = 64) -> float:
     for _ in range(3):
         with mmap.mmap(-1, mib << 20) as m:
             a = np.frombuffer(m, dtype=np.uint8)
-            f0, t = _minflt(), time.perf_counter()
+            f0, t = minor_faults(), time.perf_counter()
             a[:: mmap.PAGESIZE] = 1
-            dt, n = time.perf_counter() - t, _minflt() - f0
+            dt, n = time.perf_counter() - t, minor_faults() - f0
             del a
         costs.append(dt / max(n, 1) * 1e6)
     return round(statistics.median(costs), 2)
-
-
-def _minflt() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def faults_per_call(fn, calls: int = 3) -> float:
@@ -170,10 +165,10 @@ def faults_per_call(fn, calls: int = 3) -> float:
     and maps afresh. glibc gives blocks above its (adaptive) mmap threshold back on free, so the count depends on
     the process's allocation history; it is the main reason one side's time differs from run to run here."""
     fn()
-    f0 = _minflt()
+    f0 = minor_faults()
     for _ in range(calls):
         fn()
-    return round((_minflt() - f0) / calls, 1)
+    return round((minor_faults() - f0) / calls, 1)
 
 
 def _row(name: str, sides: dict, reps: int, work: float, unit: str, floor_flops: float) -> dict:

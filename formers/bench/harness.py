@@ -31,6 +31,11 @@ def _status_kib(field: str) -> int:
     return 0
 
 
+def minor_faults() -> int:
+    """This process's minor page faults so far (pages the kernel mapped and zeroed for it)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def peak_memory_mib(fn: Callable[[], Any]) -> float:
     """Peak resident memory (MiB) of `fn()` above the resident memory just before it."""
     try:

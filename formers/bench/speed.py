@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from formers.bench.harness import meta
+from formers.bench.harness import meta, minor_faults
 from formers.registry import FormersError
 
 VOCAB, DIM, DEPTH, HEADS, SEQ, BATCH = 256, 256, 4, 4, 256, 8
@@ -46,19 +46,26 @@ FLOPS_FORMULA = ("6 * (matmul weights incl. the output projection, excl. embeddi
 
 # ------------------------------------------------------------------------------------------------------- timing
 
-def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[str, list[float]]:
+def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
+                faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each side, the sides alternating inside every repetition (the order flips each time)
-    so that machine noise hits them alike. Returns every repetition's time per side."""
+    so that machine noise hits them alike. Returns every repetition's time per side; with `faults` (a dict) also
+    fills it with every repetition's minor page faults per side (see `_summary`)."""
     names = list(sides)
     for _ in range(warmup):
         for n in names:
             sides[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    if faults is not None:
+        faults.update({n: [] for n in names})
     for r in range(reps):
         for n in (names if r % 2 == 0 else names[::-1]):
+            f = minor_faults()
             t = time.perf_counter()
             sides[n]()
             times[n].append(time.perf_counter() - t)
+            if faults is not None:
+                faults[n].append(minor_faults() - f)
     return times
 
 
@@ -200,12 +207,18 @@ class TrainStep:
         self.opt.zero_grad(set_to_none=True)
 
 
-def _summary(times: dict[str, list[float]], work: float, unit: str) -> dict[str, Any]:
-    """Per side: median throughput (work / median seconds), all runs; ratio formers / peer."""
+def _summary(times: dict[str, list[float]], work: float, unit: str, faults: dict[str, list[int]] | None = None,
+             per: int = 1) -> dict[str, Any]:
+    """Per side: median throughput (work / median seconds), all runs; ratio formers / peer. With `faults`, the
+    median minor page faults per call / `per` (per training step for the LM rows): glibc hands freed blocks above
+    its adaptive mmap threshold back to the system, so a side's count, and with it its time, depends on the
+    process's allocation history; the count says how much of a ratio that was."""
     out: dict[str, Any] = {}
     for side, ts in times.items():
         out[f"{side}_{unit}"] = round(work / statistics.median(ts), 2)
         out[f"{side}_runs"] = [round(work / t, 2) for t in ts]
+        if faults:
+            out[f"{side}_page_faults"] = round(statistics.median(faults[side]) / per, 1)
     out["ratio"] = round(out[f"formers_{unit}"] / out[f"peer_{unit}"], 3)
     return out
 
@@ -223,9 +236,10 @@ def row_lm_train(reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
         def run(step):
             return lambda: [step() for _ in range(steps)]
 
-        times = interleaved({"formers": run(so), "peer": run(sp)}, reps)
+        pf: dict[str, list[int]] = {}
+        times = interleaved({"formers": run(so), "peer": run(sp)}, reps, faults=pf)
         r = {"row": "lm_train", "peer": "x-transformers", "peer_setting": setting, "params": po,
-             **_summary(times, steps * BATCH * SEQ, "tokens_per_s")}
+             **_summary(times, steps * BATCH * SEQ, "tokens_per_s", pf, per=steps)}
         fpt = lm_flops_per_token(ours, DEPTH, SEQ, DIM)
         r["flops_per_token"] = fpt
         r["formers_mfu"] = round(r["formers_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
@@ -265,9 +279,10 @@ def row_generate(reps: int, log) -> list[dict]:
     if out_o.shape[1] != PROMPT + NEW or out_p.shape[-1] != NEW:
         raise FormersError(f"generate: expected {NEW} new tokens, got {out_o.shape[1] - PROMPT} and "
                            f"{out_p.shape[-1]}")
-    times = interleaved({"formers": ours_gen, "peer": xt_gen}, reps)
+    pf: dict[str, list[int]] = {}
+    times = interleaved({"formers": ours_gen, "peer": xt_gen}, reps, faults=pf)
     r = {"row": "generate", "peer": "x-transformers", "peer_setting": "cache_kv=True", "params": po,
-         **_summary(times, NEW, "tokens_per_s")}
+         **_summary(times, NEW, "tokens_per_s", pf)}
     rows.append(r)
     log(f"generate vs x-transformers: formers {r['formers_tokens_per_s']:7.1f} tok/s  peer "
         f"{r['peer_tokens_per_s']:7.1f} tok/s  x{r['ratio']:.2f}")
@@ -295,9 +310,9 @@ def row_generate(reps: int, log) -> list[dict]:
 
     a, b = ours_gen2(), hf_gen()
     agree = int((a[0, PROMPT:] == b[0, PROMPT:]).cumprod(0).sum())
-    times = interleaved({"formers": ours_gen2, "peer": hf_gen}, reps)
+    times = interleaved({"formers": ours_gen2, "peer": hf_gen}, reps, faults=pf)
     r = {"row": "generate", "peer": "HF GPT-2", "peer_setting": "sdpa, use_cache=True", "params": po,
-         "logits_max_abs_diff": err, "greedy_tokens_agreeing": agree, **_summary(times, NEW, "tokens_per_s")}
+         "logits_max_abs_diff": err, "greedy_tokens_agreeing": agree, **_summary(times, NEW, "tokens_per_s", pf)}
     rows.append(r)
     log(f"generate vs HF GPT-2      : formers {r['formers_tokens_per_s']:7.1f} tok/s  peer "
         f"{r['peer_tokens_per_s']:7.1f} tok/s  x{r['ratio']:.2f}  (logits diff {err:.1e}, {agree}/{NEW} greedy "
@@ -324,9 +339,10 @@ def row_vit(reps: int, log) -> list[dict]:
         with torch.no_grad():
             return hf(pixel_values=x).logits
 
-    times = interleaved({"formers": ours_fwd, "peer": hf_fwd}, reps)
+    pf: dict[str, list[int]] = {}
+    times = interleaved({"formers": ours_fwd, "peer": hf_fwd}, reps, faults=pf)
     r = {"row": "vit_forward", "peer": "HF ViT", "peer_setting": "sdpa, eval", "params": po,
-         "logits_max_abs_diff": err, **_summary(times, x.shape[0], "images_per_s")}
+         "logits_max_abs_diff": err, **_summary(times, x.shape[0], "images_per_s", pf)}
     log(f"vit_forward vs HF ViT     : formers {r['formers_images_per_s']:7.1f} img/s  peer "
         f"{r['peer_images_per_s']:7.1f} img/s  x{r['ratio']:.2f}  (logits diff {err:.1e})")
     return [r]
@@ -363,11 +379,12 @@ def row_packed(reps: int, log) -> list[dict]:
     hp, hk = padded(), packed()
     err = check_equal(hp[mask], hk.reshape(-1, DIM), "packed_encoder: packed vs padded outputs on valid tokens",
                       tol=1e-4)
-    times = interleaved({"formers": packed, "peer": padded}, reps)
+    pf: dict[str, list[int]] = {}
+    times = interleaved({"formers": packed, "peer": padded}, reps, faults=pf)
     tokens = sum(lengths)
     r = {"row": "packed_encoder", "peer": "formers padded + key-padding mask", "peer_setting": "same model",
          "params": n_params(model), "lengths": lengths, "valid_tokens": tokens, "padded_tokens": B * L,
-         "outputs_max_abs_diff": err, **_summary(times, tokens, "tokens_per_s")}
+         "outputs_max_abs_diff": err, **_summary(times, tokens, "tokens_per_s", pf)}
     log(f"packed_encoder vs padded  : packed {r['formers_tokens_per_s']:8.0f} tok/s  padded "
         f"{r['peer_tokens_per_s']:8.0f} tok/s  x{r['ratio']:.2f}  ({tokens} valid of {B * L} padded tokens)")
     return [r]
@@ -437,8 +454,8 @@ def target_of(r: dict) -> float | None:
 
 def table(res: dict) -> str:
     """Markdown table of the rows with the issue's targets."""
-    lines = ["| row | peer | formers | peer | ratio | target | MFU formers / peer |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| row | peer | formers | peer | ratio | target | MFU formers / peer | page faults formers / peer |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         unit = "images_per_s" if "formers_images_per_s" in r else "tokens_per_s"
         short = "img/s" if unit == "images_per_s" else "tok/s"
@@ -450,9 +467,11 @@ def table(res: dict) -> str:
             (f"{r['formers_mfu']:.1%}" if "formers_mfu" in r else "")
         p = f"{r[f'peer_{unit}']:,.0f} {short}" if f"peer_{unit}" in r else "-"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+        faults = (f"{r['formers_page_faults']:,.0f} / {r['peer_page_faults']:,.0f}"
+                  if "peer_page_faults" in r else "")
         lines.append(f"| {r['row'] if r['row'] != 'recipe' else r['recipe']} | {peer} | "
                      f"{r[f'formers_{unit}']:,.0f} {short} | {p} | {ratio} | "
-                     f"{f'>= {t}x' if t else ''} | {mfu} |")
+                     f"{f'>= {t}x' if t else ''} | {mfu} | {faults} |")
     return "\n".join(lines)
 
 
@@ -465,7 +484,8 @@ def readme_section(res: dict) -> str:
     return "\n".join([
         f"Measured by `{m['command']}` on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date'][:10]} "
         f"(matmul peak {m['peak_mm_gflops']} GFLOP/s; every figure is a median of {m['reps']} interleaved "
-        "repetitions in one process, both sides eager):",
+        "repetitions in one process, both sides eager; page faults: minor faults per call, per step for the LM "
+        "rows):",
         "",
         table(res),
     ])
