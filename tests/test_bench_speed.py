@@ -133,3 +133,12 @@ def test_interleaving_counts_each_sides_page_faults():
     s = speed._summary(times, 1.0, "calls_per_s", pf, per=2)
     assert all(256 <= n < 400 for n in pf["peer"]) and max(pf["formers"]) < 5
     assert 128 <= s["peer_page_faults"] < 200 and s["formers_page_faults"] < 3
+
+
+def test_table_says_met_from_the_unrounded_ratio():
+    row = {"row": "lm_train", "peer": "x-transformers", "peer_setting": "attn_flash", "formers_tokens_per_s": 1098.0,
+           "peer_tokens_per_s": 1000.0, "ratio": 1.098}
+    line = speed.table({"rows": [row]}).splitlines()[-1]
+    assert "1.10x" in line and ">= 1.1x, not met" in line
+    line = speed.table({"rows": [dict(row, ratio=1.1)]}).splitlines()[-1]
+    assert ">= 1.1x, met" in line

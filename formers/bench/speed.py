@@ -452,6 +452,13 @@ def target_of(r: dict) -> float | None:
     return TARGETS.get((r["row"], r.get("peer")))
 
 
+def _target_cell(r: dict, t: float | None) -> str:
+    """The target and whether the unrounded ratio meets it (1.098x shows as 1.10x but does not meet 1.1x)."""
+    if not t or "ratio" not in r:
+        return ""
+    return f">= {t}x, {'met' if r['ratio'] >= t else 'not met'}"
+
+
 def table(res: dict) -> str:
     """Markdown table of the rows with the issue's targets."""
     lines = ["| row | peer | formers | peer | ratio | target | MFU formers / peer | page faults formers / peer |",
@@ -471,7 +478,7 @@ def table(res: dict) -> str:
                   if "peer_page_faults" in r else "")
         lines.append(f"| {r['row'] if r['row'] != 'recipe' else r['recipe']} | {peer} | "
                      f"{r[f'formers_{unit}']:,.0f} {short} | {p} | {ratio} | "
-                     f"{f'>= {t}x' if t else ''} | {mfu} | {faults} |")
+                     f"{_target_cell(r, t)} | {mfu} | {faults} |")
     return "\n".join(lines)
 
 
