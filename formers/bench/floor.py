@@ -248,7 +248,7 @@ def readme_section(res: dict) -> str:
     us = m.get("page_fault_us")
     lines = [f"Measured by `{m['command']}` on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, "
              f"{m['date'][:10]} (medians of {m['reps']} interleaved repetitions; profile in ms of self CPU time; "
-             f"a minor page fault costs {us} us here):",
+             f"a minor page fault costs {us} us here; the LM row's times and faults are per training step):",
              "",
              "| row | kernel floor | formers | peer | peer / floor | formers / floor | formers vs peer | "
              "formers: matmul / attention / rest | peer: matmul / attention / rest | page faults per call, formers / "
