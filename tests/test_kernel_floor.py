@@ -58,20 +58,22 @@ def test_readme_table_is_generated_from_the_committed_results():
         assert abs(r["ratio"] - r["peer_ms"] / r["formers_ms"]) < 2e-3
 
 
-def test_page_faults_per_call_counts_freshly_mapped_pages():
+def test_row_reports_each_sides_page_faults_and_times_per_unit():
     import mmap
 
     import numpy as np
 
     pages = 512
 
-    def touch_fresh():
+    def touch_fresh():  # maps and touches `pages` new pages on every call
         with mmap.mmap(-1, pages * mmap.PAGESIZE) as m:
             a = np.frombuffer(m, dtype=np.uint8)
             a[:: mmap.PAGESIZE] = 1
             del a
 
-    n = floor.faults_per_call(touch_fresh, calls=3)
-    assert pages <= n < pages * 1.5
-    assert floor.faults_per_call(lambda: None, calls=3) < 5
+    r = floor._row("t", {"floor": lambda: None, "formers": lambda: None, "peer": touch_fresh}, reps=3, work=1.0,
+                   unit="calls_per_s", floor_flops=0, per=2)
+    assert pages / 2 <= r["page_faults_per_call"]["peer"] < pages * 1.5 / 2
+    assert r["page_faults_per_call"]["formers"] < 5 and r["page_faults_per_call"]["floor"] < 5
+    assert len(r["peer_runs_ms"]) == 3 and r["peer_ms"] == pytest.approx(sorted(r["peer_runs_ms"])[1], abs=0.01)
     assert floor.fault_cost_us(mib=8) > 0

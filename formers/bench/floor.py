@@ -21,7 +21,6 @@ interleaved medians, the profile only says where the time goes.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -31,17 +30,19 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from formers.bench.harness import meta, minor_faults
+from formers.bench.harness import meta, minor_faults, replace_section, save
 from formers.bench.speed import (
     BATCH,
+    DEPTH,
+    DIM,
+    HEADS,
     SEQ,
     VOCAB,
     TrainStep,
     formers_lm,
     formers_vit,
-    hf_vit,
     interleaved,
-    vit_into_hf,
+    vit_sides,
     xt_lm,
 )
 from formers.registry import FormersError
@@ -160,25 +161,17 @@ def fault_cost_us(mib: int = 64) -> float:
     return round(statistics.median(costs), 2)
 
 
-def faults_per_call(fn, calls: int = 3) -> float:
-    """Minor page faults per call of `fn` (after one warm-up call): memory the allocator had returned to the system
-    and maps afresh. glibc gives blocks above its (adaptive) mmap threshold back on free, so the count depends on
-    the process's allocation history; it is the main reason one side's time differs from run to run here."""
-    fn()
-    f0 = minor_faults()
-    for _ in range(calls):
-        fn()
-    return round((minor_faults() - f0) / calls, 1)
-
-
-def _row(name: str, sides: dict, reps: int, work: float, unit: str, floor_flops: float) -> dict:
-    times = interleaved(sides, reps)
-    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+def _row(name: str, sides: dict, reps: int, work: float, unit: str, floor_flops: float, per: int = 1) -> dict:
+    """Interleaved medians of the floor, formers and the peer, each call doing `per` units (training steps): times,
+    runs and page faults are reported per unit."""
+    pf: dict[str, list[int]] = {}
+    times = interleaved(sides, reps, faults=pf)
+    ms = {k: statistics.median(v) * 1e3 / per for k, v in times.items()}
     return {"row": name, "unit": unit,
-            "page_faults_per_call": {k: faults_per_call(f) for k, f in sides.items()},
+            "page_faults_per_call": {k: round(statistics.median(v) / per, 1) for k, v in pf.items()},
             **{f"{k}_ms": round(v, 2) for k, v in ms.items()},
             **{f"{k}_{unit}": round(work / v * 1e3, 2) for k, v in ms.items()},
-            **{f"{k}_runs_ms": [round(t * 1e3, 2) for t in v] for k, v in times.items()},
+            **{f"{k}_runs_ms": [round(t * 1e3 / per, 2) for t in v] for k, v in times.items()},
             "floor_matmul_gflop": round(floor_flops / 1e9, 3),
             "peer_over_floor": round(ms["peer"] / ms["floor"], 3),
             "formers_over_floor": round(ms["formers"] / ms["floor"], 3),
@@ -188,20 +181,14 @@ def _row(name: str, sides: dict, reps: int, work: float, unit: str, floor_flops:
 def lm_row(reps: int, steps: int, log) -> dict:
     torch.manual_seed(0)
     ours, peer = formers_lm(), xt_lm(flash=True)
-    D, L, H = ours.dim, len(ours.stack.blocks), 4
-    floor = LMFloor(linear_shapes(ours), BATCH * SEQ, L, BATCH, H, SEQ, D // H)
+    floor = LMFloor(linear_shapes(ours), BATCH * SEQ, DEPTH, BATCH, HEADS, SEQ, DIM // HEADS)
     so, sp = TrainStep(ours, BATCH, SEQ, VOCAB), TrainStep(peer, BATCH, SEQ, VOCAB)
 
     def k(f):
         return lambda: [f() for _ in range(steps)]
 
-    r = _row("lm_train_step", {"floor": k(floor), "formers": k(so), "peer": k(sp)}, reps, steps * BATCH * SEQ,
-             "tokens_per_s", floor.matmul_flops)
-    for key in ("floor_ms", "formers_ms", "peer_ms"):  # per step
-        r[key] = round(r[key] / steps, 2)
-    r["page_faults_per_call"] = {k: round(v / steps, 1) for k, v in r["page_faults_per_call"].items()}  # per step
-    for k in ("floor", "formers", "peer"):
-        r[f"{k}_runs_ms"] = [round(t / steps, 2) for t in r[f"{k}_runs_ms"]]
+    r = _row("lm_train_step", {"floor": k(floor), "formers": k(so), "peer": k(sp)}, reps, BATCH * SEQ,
+             "tokens_per_s", floor.matmul_flops, per=steps)
     r["peer"] = "x-transformers attn_flash=True"
     r["profile_ms_per_step"] = {"formers": profile_by_kind(so, 3), "peer": profile_by_kind(sp, 3)}
     log(_line(r))
@@ -209,25 +196,12 @@ def lm_row(reps: int, steps: int, log) -> dict:
 
 
 def vit_row(reps: int, log) -> dict:
-    torch.manual_seed(0)
-    ours, hf = formers_vit(), hf_vit()
-    vit_into_hf(ours, hf)
-    x = torch.randn(BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    floor = ViTFloor(ours, BATCH)
-
-    def o():
-        with torch.no_grad():
-            return ours(x)
-
-    def h():
-        with torch.no_grad():
-            return hf(pixel_values=x).logits
-
+    sides, batch, _, _ = vit_sides()  # the same models as `formers bench speed`, logits checked equal
+    floor = ViTFloor(formers_vit(), batch)  # shapes only: the floor runs on its own random tensors
     with torch.no_grad():
-        r = _row("vit_forward", {"floor": floor, "formers": o, "peer": h}, reps, BATCH, "images_per_s",
-                 floor.matmul_flops)
+        r = _row("vit_forward", {"floor": floor, **sides}, reps, batch, "images_per_s", floor.matmul_flops)
         r["peer"] = "HF ViT sdpa"
-        r["profile_ms_per_forward"] = {"formers": profile_by_kind(o, 3), "peer": profile_by_kind(h, 3)}
+        r["profile_ms_per_forward"] = {k: profile_by_kind(f, 3) for k, f in sides.items()}
     log(_line(r))
     return r
 
@@ -292,13 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     m.update(reps=a.reps, steps=a.steps, page_fault_us=fault_cost_us())
     log = lambda s: print(s, flush=True)  # noqa: E731
     res = {"meta": m, "rows": [lm_row(a.reps, a.steps, log), vit_row(a.reps, log)]}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out)
+    save(out, m, res["rows"])
     if out == Path("results/kernel_floor.json") and Path("README.md").exists():
-        from formers.bench.harness import replace_section
-
         if replace_section(Path("README.md"), README_START, README_END, readme_section(res)):
             log("updated the kernel-floor table in README.md")
     for r in res["rows"]:

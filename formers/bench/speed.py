@@ -23,7 +23,6 @@ x-transformers row when the model is a plain softmax LM that maps onto x-transfo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from formers.bench.harness import meta, minor_faults
+from formers.bench.harness import meta, minor_faults, save
 from formers.registry import FormersError
 
 VOCAB, DIM, DEPTH, HEADS, SEQ, BATCH = 256, 256, 4, 4, 256, 8
@@ -320,14 +319,17 @@ def row_generate(reps: int, log) -> list[dict]:
     return rows
 
 
-def row_vit(reps: int, log) -> list[dict]:
+def vit_sides() -> tuple[dict[str, Callable[[], Any]], int, int, float]:
+    """The ViT-Tiny forward of formers and of HF's ViT with the same weights, checked to be the same model (parameter
+    counts; logits equal to 1e-5 on the batch they will run): ({"formers": fn, "peer": fn}, batch, params, logits
+    difference). Shared by this row and benchmarks/kernel_floor.py."""
     torch.manual_seed(0)
     ours, hf = formers_vit(), hf_vit()
     vit_into_hf(ours, hf)
     po, pp = n_params(ours), n_params(hf)
     if po != pp:
         raise FormersError(f"vit_forward: parameter counts differ ({po:,} vs {pp:,})")
-    x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         err = check_equal(ours(x), hf(pixel_values=x).logits, "vit_forward: formers vs HF ViT logits")
 
@@ -339,10 +341,15 @@ def row_vit(reps: int, log) -> list[dict]:
         with torch.no_grad():
             return hf(pixel_values=x).logits
 
+    return {"formers": ours_fwd, "peer": hf_fwd}, BATCH, po, err
+
+
+def row_vit(reps: int, log) -> list[dict]:
+    sides, batch, po, err = vit_sides()
     pf: dict[str, list[int]] = {}
-    times = interleaved({"formers": ours_fwd, "peer": hf_fwd}, reps, faults=pf)
+    times = interleaved(sides, reps, faults=pf)
     r = {"row": "vit_forward", "peer": "HF ViT", "peer_setting": "sdpa, eval", "params": po,
-         "logits_max_abs_diff": err, **_summary(times, x.shape[0], "images_per_s", pf)}
+         "logits_max_abs_diff": err, **_summary(times, batch, "images_per_s", pf)}
     log(f"vit_forward vs HF ViT     : formers {r['formers_images_per_s']:7.1f} img/s  peer "
         f"{r['peer_images_per_s']:7.1f} img/s  x{r['ratio']:.2f}  (logits diff {err:.1e})")
     return [r]
@@ -598,10 +605,7 @@ def main(argv: list[str] | None = None) -> int:
     for rec in a.recipe:
         rows += row_recipe(rec, a.reps, a.steps, peak, log)
     res = {"meta": m, "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=1))
-    tmp.replace(out)
+    save(out, m, rows)
     plot(res, out.with_suffix(".png"))
     print(table(res))
     readme = Path(a.readme) if a.readme else (Path("README.md") if out == Path("results/peers_speed.json") else None)
