@@ -28,6 +28,8 @@ from formers.registry import FormersError, _hint, build, get, register, split_sp
 class AddResidual(nn.Module):
     """Plain residual connection: x + update."""
 
+    row_wise = True  # output row i depends on input row i only (Block.forward_prefix)
+
     def __init__(self, dim: int):
         super().__init__()
 
@@ -168,6 +170,44 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, **kw) -> torch.Tensor:
         x = self.attn(x, **kw)
         return self.ffn(x) if self.has_ffn else x
+
+    def forward_prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+        """`self(x)[:, :n]` computed for those n rows only: (B, N, D) -> (B, n, D). The token mixer still reads
+        keys and values from all N rows, but queries, the output projection, the residuals and the feed-forward
+        run on n rows. A ViT that classifies from its class token needs no more of its last block (about 1/12 of
+        a ViT-Tiny forward). Only where `prefix_ok()`; tests/test_fast_paths.py checks it equal to the full block.
+        """
+        a = self.attn
+        h = a.norm(x)
+        x = a.residual(x[:, :n], a._drop(a.fn(h[:, :n], context=h)))
+        return self.ffn(x) if self.has_ffn else x
+
+    def prefix_ok(self) -> bool:
+        """Whether `forward_prefix` equals the full block on its rows: evaluation mode (no dropout or drop-path
+        draws, no batch statistics); a Pre-LN token mixer that is plain bidirectional softmax attention (the
+        cross-attention path: queries from n rows, keys and values from all); norms, feed-forward and residuals
+        whose class declares `row_wise` (row i of the output depends on row i of the input only); no module hooks
+        anywhere in the block, since the prefix path does not call every submodule."""
+        from formers.nn.attention import SoftmaxAttention  # formers.nn imports this module
+        from formers.nn.hooks import hook_free
+
+        if self.training or type(self.attn) is not PreNorm:
+            return False
+        mixer = self.attn.fn
+        if type(mixer) is not SoftmaxAttention or mixer.causal:
+            return False
+        parts = [self.attn.norm, self.attn.residual]
+        if self.has_ffn:
+            f = self.ffn
+            parts += [f.fn, f.residual] + [getattr(f, k) for k in ("norm", "norm_in", "norm_out") if hasattr(f, k)]
+        return all(_row_wise(m) for m in parts) and hook_free(*self.modules())
+
+
+def _row_wise(m: nn.Module) -> bool:
+    """The module's own class says it is row-wise (`row_wise` in the class body, not inherited: a subclass may mix
+    tokens, e.g. an FFN with a depth-wise convolution)."""
+    flag = type(m).__dict__.get("row_wise", False)
+    return bool(flag.fget(m) if isinstance(flag, property) else flag)
 
 
 def merge_spec(base: Any, override: Any) -> Any:

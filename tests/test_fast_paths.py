@@ -267,3 +267,98 @@ def test_mlp_inference_fused_gelu_equals_plain(monkeypatch, approximate, bias):
     h.remove()
     assert not calls and seen == [(3, 17, 192)]  # a hook on fc1 is honoured
     torch.testing.assert_close(y3, ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------ ViT: only the class token's row of the last block
+
+def _vit(**kw):
+    from formers.models.vision.vit import ViT
+
+    torch.manual_seed(0)
+    m = ViT(img_size=16, patch_size=4, in_chans=3, num_classes=5, dim=24, depth=2, heads=2, **kw)
+    with torch.no_grad():  # non-zero biases and class token, so that a row mix-up cannot hide behind zeros
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def _naive_vit_logits(m, x):
+    """The ViT of the plain formulas, every token through every block (eq. 1-4, pre-LN, token pooling); written
+    here from the model's weights, for the default block (layernorm, softmax attention, GELU MLP, add)."""
+    B = x.shape[0]
+    p = m.patch_size
+    patches = x.unfold(2, p, p).unfold(3, p, p).permute(0, 2, 3, 1, 4, 5).reshape(B, -1, 3 * p * p)
+    z = patches @ m.patch_embed.proj.weight.reshape(m.dim, -1).T + m.patch_embed.proj.bias
+    z = torch.cat([m.cls_token.expand(B, -1, -1), z], 1) + m.pos.emb
+    for blk in m.stack.blocks:
+        a = blk.attn.fn
+        h = torch.nn.functional.layer_norm(z, (m.dim,), blk.attn.norm.weight, blk.attn.norm.bias, 1e-6)
+        q = (h @ a.q.weight.T + a.q.bias).view(B, -1, a.heads, a.head_dim).transpose(1, 2)
+        k, v = (h @ a.kv.weight.T + a.kv.bias).view(B, -1, 2, a.heads, a.head_dim).permute(2, 0, 3, 1, 4)
+        att = ((q @ k.transpose(-1, -2)) * a.head_dim ** -0.5).softmax(-1) @ v
+        z = z + att.transpose(1, 2).reshape(B, -1, m.dim) @ a.out.weight.T + a.out.bias
+        f = blk.ffn.fn
+        h = torch.nn.functional.layer_norm(z, (m.dim,), blk.ffn.norm.weight, blk.ffn.norm.bias, 1e-6)
+        z = z + torch.nn.functional.gelu(h @ f.fc1.weight.T + f.fc1.bias) @ f.fc2.weight.T + f.fc2.bias
+    z = torch.nn.functional.layer_norm(z, (m.dim,), m.norm.weight, m.norm.bias, 1e-6)
+    return z[:, 0] @ m.head.weight.T + m.head.bias
+
+
+def test_vit_class_token_only_last_block_equals_naive_vit(monkeypatch):
+    """In evaluation with token pooling, ViT.forward computes only the class token's row of the last block: the
+    logits equal the naive all-token ViT written above, and the prefix path really ran."""
+    from formers.blocks import Block
+
+    m = _vit()
+    calls = []
+    real = Block.forward_prefix
+    monkeypatch.setattr(Block, "forward_prefix", lambda self, x, n: calls.append(x.shape) or real(self, x, n))
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        y = m(x)
+    assert calls == [(3, 17, 24)]  # the last block got all 1 + 16 tokens and returned one row
+    torch.testing.assert_close(y, _naive_vit_logits(m, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [
+    {"layer_scale": 0.1, "drop_path": 0.2},  # eval: drop-path is the identity, layer-scale per channel
+    {"block": {"ffn": {"name": "glu"}, "norm": "rmsnorm"}},
+    {"block": {"residual": "gru_gate", "mixer": {"explicit": True, "kv_heads": 1}}},
+    {"block": {"norm": "crmsnorm"}, "layers": {"1": {"ffn": "none"}}},
+])
+def test_vit_class_token_only_equals_all_tokens(kw):
+    """Other row-wise block parts take the same path, equal to every token through the whole stack."""
+    m = _vit(**kw)
+    assert m._class_token_only()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        full = m.forward_head(m.forward_features(x))
+        torch.testing.assert_close(m(x), full, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("why", ["train", "avg", "rope", "hook", "moe", "temperature", "post", "prepbn"])
+def test_vit_class_token_only_is_off_where_it_would_differ(why, monkeypatch):
+    """The full stack runs in training, with average pooling, rotary positions, a hook on any module of the last
+    block, a token-routing FFN (capacity depends on the token count), a softmax subclass, a Post-LN block or a
+    batch-statistics norm, and the logits still equal the all-token forward."""
+    from formers.blocks import Block
+
+    kw = {"avg": {"global_pool": "avg"}, "rope": {"pos_embed": "rope"},
+          "moe": {"block": {"ffn": {"name": "moe", "experts": 2}}},
+          "temperature": {"block": {"mixer": {"name": "temperature"}}},
+          "post": {"block": {"placement": "post"}}, "prepbn": {"block": {"norm": "prepbn"}}}.get(why, {})
+    m = _vit(**kw)
+    if why == "train":
+        m.train()
+    seen = []
+    if why == "hook":
+        m.stack.blocks[-1].ffn.fn.fc2.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    monkeypatch.setattr(Block, "forward_prefix", lambda *a: pytest.fail("prefix path taken"))
+    x = torch.randn(2, 3, 16, 16)
+    torch.manual_seed(1)
+    y = m(x)
+    torch.manual_seed(1)
+    full = m.forward_head(m.forward_features(x))
+    torch.testing.assert_close(y, full)
+    if why == "hook":
+        assert seen == [(2, 17, 24), (2, 17, 24)]

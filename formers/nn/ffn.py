@@ -29,6 +29,8 @@ class MLP(nn.Module):
     y = drop(W2 drop_h(act(W1 x + b1)) + b2), as Informer's feed-forward (P73) does. Shapes (B, N, D) -> (B, N, D).
     """
 
+    row_wise = True  # position-wise (Block.forward_prefix)
+
     def __init__(self, dim: int, mult: float = 4.0, hidden: int | None = None, act: Any = "gelu",
                  bias: bool = True, dropout: float = 0.0, hidden_dropout: float = 0.0):
         super().__init__()
@@ -62,6 +64,8 @@ class GLU(nn.Module):
     The hidden width defaults to 2/3 * mult * dim (rounded up to a multiple of 8) so that parameters match `mlp`.
     Shapes (B, N, D) -> (B, N, D).
     """
+
+    row_wise = True
 
     def __init__(self, dim: int, mult: float = 4.0, hidden: int | None = None, act: Any = "silu",
                  bias: bool = False, dropout: float = 0.0):

@@ -11,6 +11,8 @@ from formers.registry import register
 class LayerNorm(nn.LayerNorm):
     """LayerNorm (Ba et al.): y = (x - mean) / sqrt(var + eps) * g + b over the last dim; (..., D) -> (..., D)."""
 
+    row_wise = True  # each token normalised alone (Block.forward_prefix)
+
     def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
         super().__init__(dim, eps=eps, bias=bias)
 
@@ -18,6 +20,8 @@ class LayerNorm(nn.LayerNorm):
 @register("norm", "rmsnorm", paper="baseline", aliases=("rms",))
 class RMSNorm(nn.Module):
     """RMSNorm (Zhang & Sennrich): y = x / sqrt(mean(x^2) + eps) * g; (..., D) -> (..., D)."""
+
+    row_wise = True
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -37,6 +41,8 @@ class CRMSNorm(nn.Module):
     y = x / sqrt((sum(x_i^2) + (sum(x_i))^2) / d + eps) * g, with d = dim + 1. On the compressed vector this is
     exactly the first `dim` outputs of `rmsnorm` on the full zero-mean d-vector. (..., dim) -> (..., dim).
     """
+
+    row_wise = True
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()

@@ -23,6 +23,8 @@ class GRUGate(nn.Module):
     DI-engine default. x, y (B, N, D) -> (B, N, D).
     """
 
+    row_wise = True
+
     def __init__(self, dim: int, bias: float = 2.0, relu: bool = True):
         super().__init__()
         if dim <= 0:

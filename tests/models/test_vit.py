@@ -309,3 +309,7 @@ def test_logits_equal_hf_transformers_vit():
     with torch.no_grad():
         # HF's eager attention takes its softmax in float32 (modeling_vit.py), hence 1e-7 and not 1e-12 in float64
         torch.testing.assert_close(ours(x), hf(pixel_values=x).logits, rtol=0, atol=1e-7)
+        # forward ran its class-token-only last block; every token through the whole stack gives the same logits
+        assert ours._class_token_only()
+        full = ours.forward_head(ours.forward_features(x))
+        torch.testing.assert_close(full, hf(pixel_values=x).logits, rtol=0, atol=1e-7)

@@ -36,10 +36,10 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from formers.blocks import Block, build_stack, layer_specs, merge_spec
+from formers.blocks import Block, PlainStack, _row_wise, build_stack, layer_specs, merge_spec
 from formers.models.vision.base import DropPath, LayerScale, VisionModel, drop_path_rates
 from formers.models.vision.vit_options import TokenAwareAvgPool, ats_schedule, check_loop, install_tap, run_blocks
-from formers.nn.hooks import clear_aux
+from formers.nn.hooks import clear_aux, hook_free
 from formers.nn.vision import LearnedPosition2d, PatchEmbed, RotaryPosition2d, SinCosPosition2d
 from formers.registry import FormersError, build, get, register, split_spec
 
@@ -55,6 +55,10 @@ class BranchResidual(nn.Module):
         self.residual = residual
         self.ls = LayerScale(dim, layer_scale) if layer_scale is not None else nn.Identity()
         self.drop_path = DropPath(drop_path)
+
+    @property
+    def row_wise(self) -> bool:  # Block.prefix_ok: per-channel scale; drop-path draws per sample, none in eval
+        return _row_wise(self.residual) and not getattr(self.ls, "channels_first", False)
 
     def forward(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         return self.residual(x, self.drop_path(self.ls(update)))
@@ -192,9 +196,30 @@ class ViT(VisionModel):
         super().set_grad_checkpointing(enable)
         self.stack.grad_checkpointing = enable
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) -> logits (B, num_classes). With class-token pooling in evaluation mode only the
+        class token's row of the last block is computed (`Block.forward_prefix`): the logits are the same, about
+        1/depth of the work is skipped. `forward_features` always returns every token."""
+        if self._class_token_only():
+            self.check_input(x)
+            return self.forward_head(self.forward_features(x, last_rows=1))
+        return super().forward(x)
+
+    def _class_token_only(self) -> bool:
+        """The last block may stop at the class token's row: evaluation, 'token' pooling, a plain stack of formers
+        Blocks without ATS/TAP or rotary positions, a last block that allows it, no hooks on the stack or norm."""
+        if self.training or self.global_pool != "token" or self.ats or self.tap_scales > 1 or self.pos_kind == "rope":
+            return False
+        if type(self.stack) is not PlainStack or not self.stack.blocks:
+            return False
+        last = self.stack.blocks[-1]
+        return type(last) is Block and last.prefix_ok() and hook_free(self.stack, self.norm)
+
+    def forward_features(self, x: torch.Tensor, last_rows: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, prefix + (H/p)(W/p), D) after the final norm (if any); with ATS,
-        (B, M, D): the class token, the kept tokens, then filler rows (counts in `last_kept[-1]`)."""
+        (B, M, D): the class token, the kept tokens, then filler rows (counts in `last_kept[-1]`). `last_rows=n`
+        (used by `forward`, only where `_class_token_only()`) returns only the first n tokens, computed by the last
+        block for those rows alone."""
         self.check_input(x)
         clear_aux(self)  # auxiliary losses describe this forward pass only
         grid = self.patch_embed.grid(x.shape[-2], x.shape[-1])
@@ -213,6 +238,11 @@ class ViT(VisionModel):
                     m.grid = grid
         if self.ats or (self.adl_weight > 0 and self.training):
             x = run_blocks(self, x, positions)  # ATS: (B, M, D) with zero filler rows past `last_kept`
+        elif last_rows is not None:
+            *first, last = self.stack.blocks
+            for block in first:
+                x = self.stack.run(block, x)
+            x = last.forward_prefix(x, last_rows)  # (B, last_rows, D)
         else:
             x = self.stack(x, positions=positions)
         return self.norm(x)
