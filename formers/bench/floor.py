@@ -88,7 +88,9 @@ class LMFloor:
 
 class ViTFloor:
     """The ViT forward's unavoidable kernels: the patch convolution, every linear with its bias (addmm; 2 x in x out
-    FLOPs per token) over the tokens it sees, and per layer the flash-attention forward."""
+    FLOPs per token) over the tokens it sees, and per layer the flash-attention forward. That is the floor of a
+    forward that computes every token; formers' ViT computes only the class token's row of its last block (the
+    logits need no more), so it can run below this floor."""
 
     def __init__(self, model, batch: int):
         n = (model.img_size // model.patch_size) ** 2 + 1  # patches + class token

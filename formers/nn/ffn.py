@@ -5,20 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from formers.nn.hooks import hook_free
 from formers.registry import build, register
-
-# oneDNN's linear with a fused GELU epilogue (the op torch.compile's CPU backend emits): one pass instead of a
-# matmul, a bias copy and a separate GELU; about 2x faster for a ViT-Tiny fc1 here and equal to the plain path
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def linear_gelu(x: torch.Tensor, fc: nn.Linear, approximate: str) -> torch.Tensor:
-    """GELU(x W^T + b) in one oneDNN call; x (..., D_in) -> (..., D_out). Inference only (no autograd formula)."""
-    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), fc.weight, fc.bias, "gelu", [], approximate)
-    return y.view(*x.shape[:-1], fc.out_features)
 
 
 @register("ffn", "mlp", paper="baseline")
@@ -42,17 +33,22 @@ class MLP(nn.Module):
         self.hidden_drop = nn.Dropout(hidden_dropout) if hidden_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._fused_gelu(x):  # inference fast path, tests/test_fast_paths.py
-            return self.fc2(linear_gelu(x, self.fc1, self.act.approximate))
+        if self._gelu_in_place():  # inference fast path, tests/test_fast_paths.py
+            h = F.linear(x, self.fc1.weight, self.fc1.bias)
+            return self.fc2(torch.ops.aten.gelu_(h, approximate=self.act.approximate))
         y = self.fc2(self.hidden_drop(self.act(self.fc1(x))))
         return self.drop(y) if self.drop.p else y  # no module call at p = 0
 
-    def _fused_gelu(self, x: torch.Tensor) -> bool:
-        """fc1 + GELU as one oneDNN op: without autograd, on CPU float32, with a plain hook-free nn.Linear and GELU
-        (a quantized, pruned or adapted fc1 is another module type and keeps the plain path), no active dropout."""
-        return (_ONEDNN_LINEAR and not torch.is_grad_enabled() and x.device.type == "cpu"
-                and x.dtype == torch.float32 and type(self.fc1) is nn.Linear and isinstance(self.act, nn.GELU)
-                and self.fc1.weight.dtype == torch.float32 and not (self.training and self.drop.p)
+    def _gelu_in_place(self) -> bool:
+        """Without autograd, GELU overwrites fc1's fresh output instead of allocating another (B, N, hidden)
+        tensor: measured here (ViT-Tiny fc1 + GELU + fc2, 2 threads) 4% faster than the plain path when neither
+        allocates fresh pages and much more when the plain path's new buffer page-faults, and 13% faster than
+        oneDNN's fused linear+GELU. Only with a plain hook-free nn.Linear and GELU (a hook could keep fc1's output,
+        which must not change under it; a quantized, pruned or adapted fc1 is another module type) and no active
+        dropout."""
+        return (not torch.is_grad_enabled() and type(self.fc1) is nn.Linear and isinstance(self.act, nn.GELU)
+                and type(self.act).forward is nn.GELU.forward
+                and not (self.training and self.drop.p)
                 and not (self.training and isinstance(self.hidden_drop, nn.Dropout))
                 and hook_free(self.fc1, self.act))
 
