@@ -242,6 +242,8 @@ def test_mlp_inference_gelu_in_place_equals_plain(monkeypatch, approximate, bias
     """Without autograd the MLP applies GELU in place on fc1's output: equal to the plain W2 GELU(W1 x + b1) + b2
     written here, on a 3-D input; with autograd, or with a hook on fc1 (which keeps fc1's output unchanged), the
     plain path."""
+    from formers.nn import ffn
+
     torch.manual_seed(0)
     m = formers.build("ffn", "mlp", dim=48, mult=4, bias=bias, act={"name": "gelu", "approximate": approximate}).eval()
     x = torch.randn(3, 17, 48)
@@ -252,7 +254,11 @@ def test_mlp_inference_gelu_in_place_equals_plain(monkeypatch, approximate, bias
     real = torch.ops.aten.gelu_
     monkeypatch.setattr(torch.ops.aten, "gelu_", lambda *a, **k: calls.append(1) or real(*a, **k), raising=False)
     with torch.no_grad():
+        y_small = m(x)  # 3 * 17 * 192 values: below IN_PLACE_MIN, the out-of-place GELU
+        assert not calls
+        monkeypatch.setattr(ffn, "IN_PLACE_MIN", 3 * 17 * 192)
         y = m(x)
+    torch.testing.assert_close(y_small, ref.detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y, ref.detach(), atol=1e-5, rtol=1e-5)
     assert calls == [1]
     calls.clear()
