@@ -368,3 +368,88 @@ def test_vit_class_token_only_is_off_where_it_would_differ(why, monkeypatch):
     torch.testing.assert_close(y, full)
     if why == "hook":
         assert seen == [(2, 17, 24), (2, 17, 24)]
+
+
+# ------------------------------------------------------------------------------- LM: the lean decoding step
+
+LEAN_CONFIGS = {
+    "default": {},
+    "gpt2": {"block": {"norm": {"name": "layernorm", "eps": 1e-5},
+                       "mixer": {"name": "softmax", "heads": 4, "bias": True},
+                       "ffn": {"name": "mlp", "act": {"name": "gelu", "approximate": "tanh"}}},
+             "tie_embeddings": True},
+    "gqa_rms_glu": {"block": {"norm": "rmsnorm", "mixer": {"name": "softmax", "heads": 4, "kv_heads": 1},
+                              "ffn": {"name": "glu"}}},
+    "crms_relu_no_ffn_last": {"block": {"norm": "crmsnorm", "ffn": {"name": "mlp", "act": "relu"}},
+                              "layers": {"1": {"ffn": "none"}}},
+}
+
+
+@pytest.mark.parametrize("name", list(LEAN_CONFIGS))
+def test_lean_decode_step_equals_the_module_forward(name):
+    """decode_step (weights read once, no module calls) gives the module path's logits and cache on every step:
+    for the standard block and for blocks whose norm or feed-forward it calls as modules (RMSNorm inlined,
+    CRMSNorm, GLU, ReLU and a layer without feed-forward called), with GQA and tied embeddings."""
+    from formers.models.lm import decode_plan, decode_step
+
+    torch.manual_seed(0)
+    model = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=64, **LEAN_CONFIGS[name]).eval()
+    with torch.no_grad():  # biases and norm gains off their init, so that a dropped term shows
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    plan = decode_plan(model)
+    assert plan is not None
+    ids = torch.randint(0, 40, (3, 12))
+    with torch.no_grad():
+        lean, mod = model.new_cache(capacity=12), model.new_cache(capacity=12)
+        model(ids[:, :5], cache=lean), model(ids[:, :5], cache=mod)
+        for t in range(5, 12):
+            a = decode_step(model, plan, ids[:, t:t + 1], lean)
+            b = model(ids[:, t:t + 1], cache=mod)[:, -1]
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        full = model(ids)[:, -1]  # and the last step against a full causal pass without a cache
+    torch.testing.assert_close(a, full, atol=1e-5, rtol=1e-5)
+    for c1, c2 in zip(lean, mod):
+        assert c1.length == c2.length == 12
+        torch.testing.assert_close(c1.k, c2.k, rtol=0, atol=0)
+        torch.testing.assert_close(c1.v, c2.v, rtol=0, atol=0)
+
+
+def test_generate_takes_the_lean_step_and_equals_uncached(monkeypatch):
+    from formers.models import lm
+
+    model = tiny_lm("learned")
+    calls = []
+    real = lm.decode_step
+    monkeypatch.setattr(lm, "decode_step", lambda *a: calls.append(1) or real(*a))
+    prompt = torch.randint(0, 40, (2, 6))
+    a = model.generate(prompt, 24, greedy=True)
+    assert len(calls) == 23  # every new token but the last is fed back through the lean step
+    assert torch.equal(a, model.generate(prompt, 24, greedy=True, use_cache=False))
+
+
+@pytest.mark.parametrize("why", ["rope", "hook", "looped", "post", "explicit", "lns", "gru_gate", "train"])
+def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
+    """Relative positions, a hook anywhere, a looped stack, Post-LN / LNS placements, an explicit-score mixer or a
+    gated residual keep the module path (and cached generation still equals the uncached one)."""
+    from formers.models import lm
+
+    block = {"mixer": {"name": "softmax", "heads": 4}}
+    kw = {"rope": {"position": "rope"}, "looped": {"stack": {"name": "looped", "pre": 1, "loops": 2}},
+          "post": {"block": {**block, "placement": "post"}},
+          "explicit": {"block": {"mixer": {"name": "softmax", "heads": 4, "explicit": True}}},
+          "lns": {"block": {**block, "placement": "lns"}},
+          "gru_gate": {"block": {**block, "residual": "gru_gate"}}}.get(why, {})
+    torch.manual_seed(0)
+    model = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=64, **kw).eval()
+    if why == "hook":
+        model.stack.blocks[1].ffn.fn.fc1.register_forward_hook(lambda *a: None)
+    if why == "train":
+        model.train()
+        assert lm.decode_plan(model) is None
+        return
+    assert lm.decode_plan(model) is None
+    monkeypatch.setattr(lm, "decode_step", lambda *a: pytest.fail("lean step taken"))
+    prompt = torch.randint(0, 40, (2, 6))
+    assert torch.equal(model.generate(prompt, 10, greedy=True), model.generate(prompt, 10, greedy=True,
+                                                                                use_cache=False))

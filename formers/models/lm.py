@@ -7,10 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from formers.models.base import SequenceModel
-from formers.nn.attention import KVCache
+from formers.nn.attention import KVCache, _sdpa
+from formers.nn.hooks import clear_aux
 from formers.registry import FormersError, register
 
 
@@ -127,14 +129,105 @@ class LM(SequenceModel):
         # every token but the last generated one goes through the stack: the cache never grows past that
         cache = self.new_cache(capacity=total - 1) if use_cache else None
         logits = self(idx, cache=cache)[:, -1]  # (B, V)
+        plan = decode_plan(self) if use_cache else None
         for t in range(N, total):
             nxt = out.narrow(1, t, 1)  # (B, 1)
             nxt.copy_(sample(logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy,
                              generator=generator))
             if t + 1 < total:  # the last token's logits would go unused
-                logits = (self(nxt, cache=cache) if use_cache else self(out.narrow(1, 0, t + 1)))[:, -1]
+                if plan is not None:
+                    logits = decode_step(self, plan, nxt, cache)
+                else:
+                    logits = (self(nxt, cache=cache) if use_cache else self(out.narrow(1, 0, t + 1)))[:, -1]
         self.train(was_training)
         return out
+
+
+# ------------------------------------------------------------------------------------------ lean decoding step
+#
+# One decoded token costs ~50 module calls and their checks, as much time at batch 1 as the matmuls themselves. For
+# a stack of standard blocks (Pre-LN, plain causal softmax attention, add residuals, no hooks) `decode_plan` reads
+# every block's weights once per `generate` call and `decode_step` runs the same ATen ops as the modules would, in
+# the same order, without the module machinery. Parts it does not know (another norm, feed-forward or activation)
+# are still called as modules, so every such block qualifies. tests/test_fast_paths.py checks it against the module
+# path and against generation without a cache.
+
+
+def _norm_fn(m: nn.Module):
+    """x -> norm(x) for one norm module: LayerNorm / formers RMSNorm inlined, anything else called."""
+    from formers.nn.norm import RMSNorm
+
+    if isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward:
+        shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
+        return lambda x: F.layer_norm(x, shape, w, b, eps)
+    if type(m) is RMSNorm:
+        w, eps = m.weight, m.eps
+        return lambda x: F.rms_norm(x, w.shape, w, eps)
+    return m
+
+
+def _ffn_fn(m: nn.Module):
+    """h -> ffn(h): the MLP with a plain GELU inlined (its out-of-place GELU, as for one token), others called."""
+    from formers.nn.ffn import MLP
+
+    if (type(m) is MLP and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear and isinstance(m.act, nn.GELU)
+            and type(m.act).forward is nn.GELU.forward):
+        w1, b1, w2, b2, approximate = m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act.approximate
+        return lambda h: F.linear(F.gelu(F.linear(h, w1, b1), approximate=approximate), w2, b2)
+    return m
+
+
+def decode_plan(model: LM) -> list[tuple] | None:
+    """Per block (norm, attention weights, norm, feed-forward) for `decode_step`, or None where any block, the
+    stack or the model is not the standard kind (then generation calls the modules)."""
+    from formers.blocks import AddResidual, Block, PlainStack, PreNorm
+    from formers.nn.attention import SoftmaxAttention
+    from formers.nn.hooks import hook_free
+
+    cls = type(model)
+    if (model.training or type(model.stack) is not PlainStack or model._relative_positions() is not None
+            or not hook_free(*model.modules()) or cls.forward is not LM.forward
+            or cls.forward_head is not LM.forward_head  # a subclass's own forward would not be replayed
+            or cls.forward_features is not SequenceModel.forward_features):
+        return None
+    plan = []
+    for block in model.stack.blocks:
+        if type(block) is not Block or type(block.attn) is not PreNorm or type(block.attn.residual) is not AddResidual:
+            return None
+        a = block.attn.fn
+        if type(a) is not SoftmaxAttention or not a.causal or not a._fusable() or a._needs_explicit():
+            return None
+        attn = (a.q.weight, a.q.bias, a.kv.weight, a.kv.bias, a.out.weight, a.out.bias, a.heads, a.kv_heads,
+                a.head_dim, a.scale)
+        ffn = None
+        if block.has_ffn:
+            f = block.ffn
+            if type(f) is not PreNorm or type(f.residual) is not AddResidual:
+                return None
+            ffn = (_norm_fn(f.norm), _ffn_fn(f.fn))
+        plan.append((_norm_fn(block.attn.norm), attn, ffn))
+    return plan
+
+
+def decode_step(model: LM, plan: list[tuple], idx: torch.Tensor, cache: list[KVCache]) -> torch.Tensor:
+    """Logits (B, V) of one new token per row, ids (B, 1), appending to `cache`: the model's forward on that token,
+    with the blocks run from `plan` (decode_plan) instead of through their modules."""
+    clear_aux(model)  # a feed-forward module called below may report an auxiliary loss, as in forward
+    x = F.embedding(idx, model.embed.weight)  # (B, 1, D)
+    if getattr(model.position, "kind", "") == "absolute":
+        x = model.position(x, cache[0].length)
+    B = x.shape[0]
+    for (norm1, (wq, bq, wkv, bkv, wo, bo, H, Hkv, Dh, scale), ffn), c in zip(plan, cache):
+        h = norm1(x)
+        q = F.linear(h, wq, bq).view(B, 1, H, Dh).transpose(1, 2)  # (B, H, 1, Dh)
+        k, v = F.linear(h, wkv, bkv).view(B, 1, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # (B, Hkv, 1, Dh) each
+        k, v = c.update(k, v)  # (B, Hkv, L, Dh): the one query sees every cached key, no mask
+        y = _sdpa(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
+        x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * Dh), wo, bo)
+        if ffn is not None:
+            norm2, mlp = ffn
+            x = x + mlp(norm2(x))
+    return model.forward_head(model.norm(x))[:, -1]
 
 
 def _copy_cache(c: KVCache) -> KVCache:
