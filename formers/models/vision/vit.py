@@ -212,6 +212,9 @@ class ViT(VisionModel):
             return False
         if type(self.stack) is not PlainStack or not self.stack.blocks:
             return False
+        cls = type(self)  # a subclass's own features or pooling would not see the shortened last block
+        if cls.forward_features is not ViT.forward_features or cls.pool is not ViT.pool:
+            return False
         last = self.stack.blocks[-1]
         return type(last) is Block and last.prefix_ok() and hook_free(self.stack, self.norm)
 
