@@ -183,15 +183,17 @@ class Block(nn.Module):
         return self.ffn(x) if self.has_ffn else x
 
     def prefix_ok(self) -> bool:
-        """Whether `forward_prefix` equals the full block on its rows: evaluation mode (no dropout or drop-path
-        draws, no batch statistics); a Pre-LN token mixer that is plain bidirectional softmax attention (the
-        cross-attention path: queries from n rows, keys and values from all); norms, feed-forward and residuals
-        whose class declares `row_wise` (row i of the output depends on row i of the input only); no module hooks
-        anywhere in the block, since the prefix path does not call every submodule."""
+        """Whether `forward_prefix` equals the full block on its rows: every submodule in evaluation mode (no
+        dropout or drop-path draws, no batch statistics); a Pre-LN token mixer that is plain bidirectional softmax
+        attention (the cross-attention path: queries from n rows, keys and values from all); norms, feed-forward
+        and residuals whose class declares `row_wise` (row i of the output depends on row i of the input only); no
+        module hooks and no `forward` replaced on an instance anywhere in the block, since the prefix path does not
+        call every submodule."""
         from formers.nn.attention import SoftmaxAttention  # formers.nn imports this module
-        from formers.nn.hooks import hook_free
+        from formers.nn.hooks import forward_unpatched, hook_free
 
-        if self.training or type(self.attn) is not PreNorm:
+        mods = list(self.modules())
+        if any(m.training for m in mods) or type(self.attn) is not PreNorm or not forward_unpatched(*mods):
             return False
         mixer = self.attn.fn
         if type(mixer) is not SoftmaxAttention or mixer.causal:
@@ -200,7 +202,7 @@ class Block(nn.Module):
         if self.has_ffn:
             f = self.ffn
             parts += [f.fn, f.residual] + [getattr(f, k) for k in ("norm", "norm_in", "norm_out") if hasattr(f, k)]
-        return all(_row_wise(m) for m in parts) and hook_free(*self.modules())
+        return all(_row_wise(m) for m in parts) and hook_free(*mods)
 
 
 def _row_wise(m: nn.Module) -> bool:

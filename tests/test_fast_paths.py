@@ -275,6 +275,25 @@ def test_mlp_inference_gelu_in_place_equals_plain(monkeypatch, approximate, bias
     torch.testing.assert_close(y3, ref.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_mlp_in_place_gelu_honours_dropout_hooks_and_patched_forward():
+    """Hooks on the MLP's dropout modules fire and a forward replaced on fc1's instance is used under no_grad too:
+    the fast path is off for both, and the output equals the autograd (plain) path."""
+    torch.manual_seed(0)
+    m = formers.build("ffn", "mlp", dim=8, mult=4, hidden_dropout=0.1).eval()
+    x = torch.randn(2, 5, 8)
+    seen = []
+    m.hidden_drop.register_forward_hook(lambda *a: seen.append(1))
+    with torch.no_grad():
+        m(x)
+    assert seen == [1]
+    m2 = formers.build("ffn", "mlp", dim=8, mult=4).eval()
+    fc1 = m2.fc1
+    fc1.forward = lambda t: torch.nn.functional.linear(t, fc1.weight, fc1.bias) * 2.0
+    with torch.no_grad():
+        y = m2(x)
+    torch.testing.assert_close(y, m2(x).detach())
+
+
 # ------------------------------------------------------------------ ViT: only the class token's row of the last block
 
 def _vit(**kw):
@@ -342,23 +361,45 @@ def test_vit_class_token_only_equals_all_tokens(kw):
         torch.testing.assert_close(m(x), full, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("why", ["train", "avg", "rope", "hook", "moe", "temperature", "post", "prepbn"])
+@pytest.mark.parametrize("why", ["train", "avg", "rope", "hook", "moe", "temperature", "post", "prepbn", "norm_hook",
+                                 "head_subclass", "mlp_subclass", "patched_forward", "submodule_train"])
 def test_vit_class_token_only_is_off_where_it_would_differ(why, monkeypatch):
     """The full stack runs in training, with average pooling, rotary positions, a hook on any module of the last
-    block, a token-routing FFN (capacity depends on the token count), a softmax subclass, a Post-LN block or a
-    batch-statistics norm, and the logits still equal the all-token forward."""
+    block or on the final norm, a token-routing FFN (capacity depends on the token count), a softmax subclass, a
+    Post-LN block, a batch-statistics norm, a subclass with its own forward_head, an MLP subclass (the row-wise
+    flag is not inherited), a forward replaced on an instance, or one submodule left in training mode; the logits
+    still equal the all-token forward."""
     from formers.blocks import Block
+    from formers.models.vision.vit import ViT
 
     kw = {"avg": {"global_pool": "avg"}, "rope": {"pos_embed": "rope"},
           "moe": {"block": {"ffn": {"name": "moe", "experts": 2}}},
           "temperature": {"block": {"mixer": {"name": "temperature"}}},
           "post": {"block": {"placement": "post"}}, "prepbn": {"block": {"norm": "prepbn"}}}.get(why, {})
     m = _vit(**kw)
+    last = m.stack.blocks[-1]
     if why == "train":
         m.train()
+    elif why == "submodule_train":
+        last.attn.fn.train()
+    elif why == "head_subclass":  # a probe on [class token; mean of the patch tokens] needs every row
+        class MeanProbe(ViT):
+            def forward_head(self, x, pre_logits=False):
+                return torch.cat([x[:, 0], x[:, 1:].mean(1)], -1)[:, :5]
+
+        m.__class__ = MeanProbe
+    elif why == "mlp_subclass":
+        from formers.nn.ffn import MLP
+
+        last.ffn.fn.__class__ = type("TokenMixingMLP", (MLP,), {})
+    elif why == "patched_forward":
+        fc2 = last.ffn.fn.fc2
+        fc2.forward = lambda t: torch.nn.functional.linear(t, fc2.weight, fc2.bias)
     seen = []
     if why == "hook":
-        m.stack.blocks[-1].ffn.fn.fc2.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+        last.ffn.fn.fc2.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
+    elif why == "norm_hook":
+        m.norm.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
     monkeypatch.setattr(Block, "forward_prefix", lambda *a: pytest.fail("prefix path taken"))
     x = torch.randn(2, 3, 16, 16)
     torch.manual_seed(1)
@@ -366,7 +407,7 @@ def test_vit_class_token_only_is_off_where_it_would_differ(why, monkeypatch):
     torch.manual_seed(1)
     full = m.forward_head(m.forward_features(x))
     torch.testing.assert_close(y, full)
-    if why == "hook":
+    if why in ("hook", "norm_hook"):
         assert seen == [(2, 17, 24), (2, 17, 24)]
 
 
@@ -428,10 +469,12 @@ def test_generate_takes_the_lean_step_and_equals_uncached(monkeypatch):
     assert torch.equal(a, model.generate(prompt, 24, greedy=True, use_cache=False))
 
 
-@pytest.mark.parametrize("why", ["rope", "hook", "looped", "post", "explicit", "lns", "gru_gate", "train"])
+@pytest.mark.parametrize("why", ["rope", "hook", "looped", "post", "explicit", "lns", "gru_gate", "train",
+                                 "out_subclass", "embed_subclass", "patched_forward"])
 def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
-    """Relative positions, a hook anywhere, a looped stack, Post-LN / LNS placements, an explicit-score mixer or a
-    gated residual keep the module path (and cached generation still equals the uncached one)."""
+    """Relative positions, a hook anywhere, a looped stack, Post-LN / LNS placements, an explicit-score mixer, a
+    gated residual, an adapted (subclassed) output projection or embedding, or a forward replaced on an instance
+    keep the module path (and cached generation still equals the uncached one)."""
     from formers.models import lm
 
     block = {"mixer": {"name": "softmax", "heads": 4}}
@@ -444,6 +487,21 @@ def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
     model = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=64, **kw).eval()
     if why == "hook":
         model.stack.blocks[1].ffn.fn.fc1.register_forward_hook(lambda *a: None)
+    elif why == "out_subclass":  # e.g. a low-rank adapter on the output projection: W x + B A x
+        class Adapted(torch.nn.Linear):
+            def forward(self, x):
+                return super().forward(x) + 0.5 * x.flip(-1)
+
+        model.stack.blocks[0].attn.fn.out.__class__ = Adapted
+    elif why == "embed_subclass":
+        class Scaled(torch.nn.Embedding):
+            def forward(self, idx):
+                return super().forward(idx) * 3.0
+
+        model.embed.__class__ = Scaled
+    elif why == "patched_forward":
+        out = model.stack.blocks[0].attn.fn.out
+        out.forward = lambda t: torch.nn.functional.linear(t, out.weight) * 2.0
     if why == "train":
         model.train()
         assert lm.decode_plan(model) is None

@@ -179,14 +179,17 @@ def _ffn_fn(m: nn.Module):
 
 def decode_plan(model: LM) -> list[tuple] | None:
     """Per block (norm, attention weights, norm, feed-forward) for `decode_step`, or None where any block, the
-    stack or the model is not the standard kind (then generation calls the modules)."""
+    stack or the model is not the standard kind, a module is in training mode, has a hook or a `forward` replaced on
+    the instance, or a module whose weights are read directly (embedding, q, kv, out, inlined norms and MLPs) is a
+    subclass (then generation calls the modules)."""
     from formers.blocks import AddResidual, Block, PlainStack, PreNorm
     from formers.nn.attention import SoftmaxAttention
-    from formers.nn.hooks import hook_free
+    from formers.nn.hooks import forward_unpatched, hook_free
 
-    cls = type(model)
-    if (model.training or type(model.stack) is not PlainStack or model._relative_positions() is not None
-            or not hook_free(*model.modules()) or cls.forward is not LM.forward
+    cls, mods = type(model), list(model.modules())
+    if (any(m.training for m in mods) or type(model.stack) is not PlainStack or type(model.embed) is not nn.Embedding
+            or model._relative_positions() is not None or not hook_free(*mods) or not forward_unpatched(*mods)
+            or cls.forward is not LM.forward
             or cls.forward_head is not LM.forward_head  # a subclass's own forward would not be replayed
             or cls.forward_features is not SequenceModel.forward_features):
         return None
@@ -195,7 +198,8 @@ def decode_plan(model: LM) -> list[tuple] | None:
         if type(block) is not Block or type(block.attn) is not PreNorm or type(block.attn.residual) is not AddResidual:
             return None
         a = block.attn.fn
-        if type(a) is not SoftmaxAttention or not a.causal or not a._fusable() or a._needs_explicit():
+        if (type(a) is not SoftmaxAttention or not a.causal or not a._fusable() or a._needs_explicit()
+                or type(a.out) is not nn.Linear):  # an adapted output projection is another type: call it
             return None
         attn = (a.q.weight, a.q.bias, a.kv.weight, a.kv.bias, a.out.weight, a.out.bias, a.heads, a.kv_heads,
                 a.head_dim, a.scale)

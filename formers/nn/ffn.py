@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.nn.hooks import hook_free
+from formers.nn.hooks import forward_unpatched, hook_free
 from formers.registry import build, register
 
 IN_PLACE_MIN = 1 << 16  # elements of fc1's output from which MLP applies GELU in place (inference)
@@ -50,13 +50,14 @@ class MLP(nn.Module):
         faults); 13% faster than oneDNN's fused linear+GELU on fc1 + GELU + fc2. Below IN_PLACE_MIN (decoding one
         token) ATen's in-place GELU is slower than the out-of-place one (22 vs 13 us on 1024 values), so that
         takes the plain GELU. Only with a plain hook-free nn.Linear and GELU (a hook could keep fc1's output, which
-        must not change under it; a quantized, pruned or adapted fc1 is another module type) and no active
-        dropout."""
+        must not change under it; a quantized, pruned or adapted fc1 is another module type; a forward replaced on
+        the instance is honoured) and no active dropout."""
         return (not torch.is_grad_enabled() and type(self.fc1) is nn.Linear and isinstance(self.act, nn.GELU)
                 and type(self.act).forward is nn.GELU.forward
                 and not (self.training and self.drop.p)
                 and not (self.training and isinstance(self.hidden_drop, nn.Dropout))
-                and hook_free(self.fc1, self.act))
+                and hook_free(self.fc1, self.act, self.drop, self.hidden_drop)
+                and forward_unpatched(self.fc1, self.act))
 
 
 @register("ffn", "glu", paper="baseline")

@@ -68,3 +68,10 @@ def hook_free(*mods: nn.Module) -> bool:
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                    for m in mods)
+
+
+def forward_unpatched(*mods: nn.Module) -> bool:
+    """No module here has its own `forward` set on the instance (accelerate-style wrappers, monkeypatches): a
+    fast path that reads a module's weights instead of calling it must not skip such a replacement."""
+    return not any("forward" in vars(m) for m in mods)
+

@@ -39,7 +39,7 @@ from torch import nn
 from formers.blocks import Block, PlainStack, _row_wise, build_stack, layer_specs, merge_spec
 from formers.models.vision.base import DropPath, LayerScale, VisionModel, drop_path_rates
 from formers.models.vision.vit_options import TokenAwareAvgPool, ats_schedule, check_loop, install_tap, run_blocks
-from formers.nn.hooks import clear_aux, hook_free
+from formers.nn.hooks import clear_aux, forward_unpatched, hook_free
 from formers.nn.vision import LearnedPosition2d, PatchEmbed, RotaryPosition2d, SinCosPosition2d
 from formers.registry import FormersError, build, get, register, split_spec
 
@@ -213,10 +213,12 @@ class ViT(VisionModel):
         if type(self.stack) is not PlainStack or not self.stack.blocks:
             return False
         cls = type(self)  # a subclass's own features or pooling would not see the shortened last block
-        if cls.forward_features is not ViT.forward_features or cls.pool is not ViT.pool:
+        if (cls.forward_features is not ViT.forward_features or cls.pool is not ViT.pool
+                or cls.forward_head is not ViT.forward_head):
             return False
         last = self.stack.blocks[-1]
-        return type(last) is Block and last.prefix_ok() and hook_free(self.stack, self.norm)
+        return (type(last) is Block and last.prefix_ok() and hook_free(self.stack, self.norm)
+                and forward_unpatched(self, self.stack, self.norm))
 
     def forward_features(self, x: torch.Tensor, last_rows: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, prefix + (H/p)(W/p), D) after the final norm (if any); with ATS,
