@@ -171,15 +171,15 @@ class Block(nn.Module):
         x = self.attn(x, **kw)
         return self.ffn(x) if self.has_ffn else x
 
-    def forward_prefix(self, x: torch.Tensor, n: int) -> torch.Tensor:
+    def forward_prefix(self, x: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`self(x)[:, :n]` computed for those n rows only: (B, N, D) -> (B, n, D). The token mixer still reads
         keys and values from all N rows, but queries, the output projection, the residuals and the feed-forward
-        run on n rows. A ViT that classifies from its class token needs no more of its last block (about 1/12 of
-        a ViT-Tiny forward). Only where `prefix_ok()`; tests/test_fast_paths.py checks it equal to the full block.
-        """
+        run on n rows; `mask` (B, N) marks the valid keys. A ViT or an encoder that classifies from its class token
+        needs no more of its last block (about 1/12 of a ViT-Tiny forward, up to 1/depth of an encoder's). Only
+        where `prefix_ok()`; tests/test_fast_paths.py checks it equal to the full block."""
         a = self.attn
         h = a.norm(x)
-        x = a.residual(x[:, :n], a._drop(a.fn(h[:, :n], context=h)))
+        x = a.residual(x[:, :n], a._drop(a.fn(h[:, :n], context=h, mask=mask)))  # mask: (B, N) valid keys
         return self.ffn(x) if self.has_ffn else x
 
     def prefix_ok(self) -> bool:

@@ -511,3 +511,61 @@ def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
     prompt = torch.randint(0, 40, (2, 6))
     assert torch.equal(model.generate(prompt, 10, greedy=True), model.generate(prompt, 10, greedy=True,
                                                                                 use_cache=False))
+
+
+# ------------------------------------------------------------- encoder: only the cls token's row of the last block
+
+def _encoder(**kw):
+    torch.manual_seed(0)
+    m = formers.create_model("encoder", vocab=50, dim=32, depth=3, max_len=40, num_classes=3,
+                             **{"block": {"mixer": {"name": "softmax", "heads": 4}}, **kw}).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_encoder_cls_only_last_block_equals_all_tokens(monkeypatch):
+    """With cls pooling in evaluation the encoder's last block computes the cls row alone, its keys masked like
+    the full stack's: logits equal every token through every block, with and without padding (a row with one
+    valid token included)."""
+    from formers.blocks import Block
+
+    m = _encoder()
+    calls = []
+    real = Block.forward_prefix
+    monkeypatch.setattr(Block, "forward_prefix", lambda self, x, n, mask=None: calls.append(x.shape) or
+                        real(self, x, n, mask=mask))
+    idx = torch.randint(0, 50, (4, 20))
+    mask = torch.arange(20)[None] < torch.tensor([20, 5, 12, 1])[:, None]
+    with torch.no_grad():
+        for mk in (None, mask):
+            full = m.forward_head(m.forward_features(idx, mask=mk), mask=mk)
+            torch.testing.assert_close(m(idx, mask=mk), full, atol=1e-6, rtol=1e-6)
+        padded = m(idx, mask=mask)
+        torch.testing.assert_close(padded[3], m(idx[3:4, :1])[0], atol=1e-5, rtol=1e-5)  # padding is not seen
+    assert calls == [(4, 21, 32)] * 3 + [(1, 2, 32)]  # cls + 20 tokens; cls + 1 token
+
+
+@pytest.mark.parametrize("why", ["train", "mean", "rope", "alibi", "dual", "norm_hook"])
+def test_encoder_cls_only_is_off_where_it_does_not_apply(why, monkeypatch):
+    from formers.blocks import Block
+
+    kw = {"mean": {"pool": "mean"}, "rope": {"position": "rope"}, "alibi": {"position": "alibi"}}.get(why, {})
+    if why == "dual":
+        torch.manual_seed(0)
+        m = formers.create_model("dual_encoder", vocab=50, dim=32, depth=2, max_len=40, num_classes=3).eval()
+        idx = torch.randint(0, 50, (2, 2, 10))
+    else:
+        m = _encoder(**kw)
+        idx = torch.randint(0, 50, (2, 10))
+    if why == "train":
+        m.train()
+    seen = []
+    if why == "norm_hook":
+        m.norm.register_forward_hook(lambda *a: seen.append(1))
+    monkeypatch.setattr(Block, "forward_prefix", lambda *a, **k: pytest.fail("prefix path taken"))
+    assert not m._cls_only()
+    y = m(idx)
+    torch.testing.assert_close(y, m.forward_head(m.forward_features(idx)))
+    assert seen == ([1, 1] if why == "norm_hook" else [])

@@ -51,8 +51,11 @@ class Encoder(SequenceModel):
         self.num_classes = num_classes
         self._init_weights()
 
-    def forward_features(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """Token ids (B, N) -> hidden states (B, N, D), or (B, 1 + N, D) with the cls token first."""
+    def forward_features(self, idx: torch.Tensor, *, mask: torch.Tensor | None = None, cache=None,
+                         last_rows: int | None = None) -> torch.Tensor:
+        """Token ids (B, N) -> hidden states (B, N, D), or (B, 1 + N, D) with the cls token first. `last_rows=1`
+        (used by `forward`, only where `_cls_only()`) returns only the cls token's row (B, 1, D), which the last
+        block computes alone."""
         if cache is not None:
             raise FormersError("the encoder is bidirectional and has no KV cache")
         if self.cls_token is None:
@@ -64,8 +67,31 @@ class Encoder(SequenceModel):
             mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)
         if getattr(self.position, "kind", "") == "absolute":
             x = self.position(x, 0)
+        if last_rows is not None:
+            *first, last = self.stack.blocks
+            x = self.drop(x)
+            for block in first:
+                x = self.stack.run(block, x, mask=mask)
+            return self.norm(last.forward_prefix(x, last_rows, mask=mask))  # (B, last_rows, D)
         x = self.stack(self.drop(x), mask=mask, positions=self._relative_positions(), cache=None)
         return self.norm(x)
+
+    def _cls_only(self) -> bool:
+        """The last block may stop at the cls token's row: evaluation, cls pooling of sequences, no relative
+        positions (the prefix path's attention takes none), a plain stack whose last block allows it
+        (`Block.prefix_ok`), the encoder's own forward methods, no hooks or replaced forward on the stack or norm."""
+        from formers.blocks import Block, PlainStack
+        from formers.nn.hooks import forward_unpatched, hook_free
+
+        if self.training or self.cls_token is None or self._relative_positions() is not None:
+            return False
+        cls = type(self)
+        if (cls.forward_features is not Encoder.forward_features or cls.forward_head is not Encoder.forward_head
+                or cls.forward is not Encoder.forward or type(self.stack) is not PlainStack or not self.stack.blocks):
+            return False
+        last = self.stack.blocks[-1]
+        return (type(last) is Block and last.prefix_ok() and hook_free(self, self.stack, self.norm)
+                and forward_unpatched(self, self.stack, self.norm))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, mask: torch.Tensor | None = None):
         if self.level == "sequence":
@@ -84,6 +110,8 @@ class Encoder(SequenceModel):
         the padding inside (needs right-padded rows); without a mask there is no padding and nothing to pack."""
         if (self.packed if packed is None else packed) and mask is not None:
             return self._forward_padded_as_packed(idx, mask)
+        if self._cls_only():  # inference fast path: the last block computes the cls row only (tests/test_fast_paths)
+            return self.forward_head(self.forward_features(idx, mask=mask, last_rows=1), mask=mask)
         return self.forward_head(self.forward_features(idx, mask=mask), mask=mask)
 
     # ---- packed variable-length batches (P37)
