@@ -202,10 +202,10 @@ class Block(nn.Module):
         if self.has_ffn:
             f = self.ffn
             parts += [f.fn, f.residual] + [getattr(f, k) for k in ("norm", "norm_in", "norm_out") if hasattr(f, k)]
-        return all(_row_wise(m) for m in parts) and hook_free(*mods)
+        return all(is_row_wise(m) for m in parts) and hook_free(*mods)
 
 
-def _row_wise(m: nn.Module) -> bool:
+def is_row_wise(m: nn.Module) -> bool:
     """The module's own class says it is row-wise (`row_wise` in the class body, not inherited: a subclass may mix
     tokens, e.g. an FFN with a depth-wise convolution)."""
     flag = type(m).__dict__.get("row_wise", False)
@@ -286,9 +286,26 @@ class PlainStack(Stack):
             x = self.run(block, x, cache=None if cache is None else cache[i], **kw)
         return x
 
+    def prefix_ok(self) -> bool:
+        """Whether `forward_prefix` may run: the last block is a formers Block that allows it
+        (`Block.prefix_ok`) and the stack itself has no hooks or replaced forward."""
+        from formers.nn.hooks import forward_unpatched, hook_free
+
+        last = self.blocks[-1] if len(self.blocks) else None
+        return type(last) is Block and last.prefix_ok() and hook_free(self) and forward_unpatched(self)
+
+    def forward_prefix(self, x: torch.Tensor, n: int, *, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`self(x, mask=mask)[:, :n]` (B, N, D) -> (B, n, D), the last block computing only those rows
+        (`Block.forward_prefix`); for models that read only their first token(s), where `prefix_ok()`."""
+        *first, last = self.blocks
+        kw = {} if mask is None else {"mask": mask}  # as forward, which passes a mask only when the model has one
+        for block in first:
+            x = self.run(block, x, **kw)
+        return last.forward_prefix(x, n, mask=mask)
+
 
 def build_stack(spec: Any, depth: int, make_block: Callable[[int], nn.Module], path: str = "model.stack") -> Stack:
     return build("stack", spec, path=path, reserved=("depth", "make_block"), depth=depth, make_block=make_block)
 
 
-__all__ = ["Block", "BLOCK_DEFAULTS", "PlainStack", "layer_specs", "build_stack", "merge_spec"]
+__all__ = ["Block", "BLOCK_DEFAULTS", "PlainStack", "is_row_wise", "layer_specs", "build_stack", "merge_spec"]

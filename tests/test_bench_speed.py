@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from formers.bench import speed
+from formers.bench.harness import out_path
 from formers.registry import FormersError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,9 +92,10 @@ def test_readme_section_is_generated_from_the_committed_results(tmp_path):
 
 
 def test_out_may_be_a_folder_and_a_bad_out_fails_before_any_timing(tmp_path, monkeypatch):
-    assert speed._out_path(str(tmp_path)) == tmp_path / "peers_speed.json"
-    assert speed._out_path(str(tmp_path / "new_folder")) == tmp_path / "new_folder" / "peers_speed.json"
-    assert speed._out_path(str(tmp_path / "r.json")) == tmp_path / "r.json"
+    name = "peers_speed.json"
+    assert out_path(str(tmp_path), name, "bench speed") == tmp_path / name
+    assert out_path(str(tmp_path / "new_folder"), name, "bench speed") == tmp_path / "new_folder" / name
+    assert out_path(str(tmp_path / "r.json"), name, "bench speed") == tmp_path / "r.json"
     (tmp_path / "afile").write_text("x")
     timed = []
     monkeypatch.setattr(speed, "meta", lambda cmd: timed.append(cmd))  # would start the timing

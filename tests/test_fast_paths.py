@@ -337,7 +337,8 @@ def test_vit_class_token_only_last_block_equals_naive_vit(monkeypatch):
     m = _vit()
     calls = []
     real = Block.forward_prefix
-    monkeypatch.setattr(Block, "forward_prefix", lambda self, x, n: calls.append(x.shape) or real(self, x, n))
+    monkeypatch.setattr(Block, "forward_prefix", lambda self, x, n, mask=None: calls.append(x.shape) or
+                        real(self, x, n, mask=mask))
     x = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
         y = m(x)

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from formers.bench.harness import meta, minor_faults, replace_section, save
+from formers.bench.harness import meta, minor_faults, out_path, replace_section, save
 from formers.bench.speed import (
     BATCH,
     DEPTH,
@@ -45,7 +45,6 @@ from formers.bench.speed import (
     vit_sides,
     xt_lm,
 )
-from formers.registry import FormersError
 
 MATMUL = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "mkldnn::_linear_pointwise",
           "aten::mkldnn_convolution", "aten::convolution")
@@ -94,7 +93,7 @@ class ViTFloor:
 
     def __init__(self, model, batch: int):
         n = (model.img_size // model.patch_size) ** 2 + 1  # patches + class token
-        self.batch, self.layers, self.heads = batch, model.depth, model.heads
+        self.batch, self.layers = batch, model.depth
         tokens = batch * n
         self.img = torch.randn(batch, 3, model.img_size, model.img_size)
         conv = model.patch_embed.proj
@@ -261,9 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    out = Path(a.out)
-    if out.suffix != ".json":
-        raise FormersError(f"kernel_floor: --out {a.out} must be a .json file")
+    out = out_path(a.out, "kernel_floor.json", "kernel_floor")  # before any timing
     m = meta("python benchmarks/kernel_floor.py " + " ".join(sys.argv[1:] if argv is None else argv))
     m.update(reps=a.reps, steps=a.steps, page_fault_us=fault_cost_us())
     log = lambda s: print(s, flush=True)  # noqa: E731

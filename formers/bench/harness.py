@@ -160,6 +160,21 @@ def save_row(path: Path, meta_: dict[str, Any], row: dict[str, Any], key: tuple[
     return rows
 
 
+def out_path(arg: str, name: str, prog: str) -> Path:
+    """A benchmark's `--out`: a .json file, or a folder (existing, or named without a suffix) that gets `name`.
+    Refused in one line before any timing: another suffix, or a parent that is a file."""
+    from formers.registry import FormersError
+
+    p = Path(arg)
+    if p.is_dir() or not p.suffix:
+        return p / name
+    if p.suffix != ".json":
+        raise FormersError(f"{prog}: --out {arg} must be a .json file or a folder (the results are JSON)")
+    if p.parent.exists() and not p.parent.is_dir():
+        raise FormersError(f"{prog}: --out {arg}: {p.parent} is a file, not a folder")
+    return p
+
+
 def replace_section(path: Path, start: str, end: str, body: str) -> bool:
     """Replace the text between the `start` and `end` markers of a file (the README's generated sections),
     atomically; False when the markers are missing."""

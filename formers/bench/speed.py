@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from formers.bench.harness import meta, minor_faults, save
+from formers.bench.harness import meta, minor_faults, out_path, save
 from formers.registry import FormersError
 
 VOCAB, DIM, DEPTH, HEADS, SEQ, BATCH = 256, 256, 4, 4, 256, 8
@@ -552,18 +552,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _out_path(arg: str) -> Path:
-    """`--out`: a .json file, or a folder (existing, or named without a suffix) that gets peers_speed.json."""
-    p = Path(arg)
-    if p.is_dir() or not p.suffix:
-        return p / "peers_speed.json"
-    if p.suffix != ".json":
-        raise FormersError(f"bench speed: --out {arg} must be a .json file or a folder (the results are JSON)")
-    if p.parent.exists() and not p.parent.is_dir():
-        raise FormersError(f"bench speed: --out {arg}: {p.parent} is a file, not a folder")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="formers bench speed", description="formers against x-transformers and HF "
                                  "transformers on the same models: ratios measured in one process (issue 10).")
@@ -582,7 +570,7 @@ def main(argv: list[str] | None = None) -> int:
             raise FormersError(f"bench speed: unknown row '{r}'; rows: {', '.join(ROWS)}")
     if a.reps < 1 or a.steps < 1:
         raise FormersError("bench speed: --reps and --steps must be >= 1 (the issue asks for >= 7 repetitions)")
-    out = _out_path(a.out)  # checked before minutes of timing, not after
+    out = out_path(a.out, "peers_speed.json", "bench speed")  # checked before minutes of timing
     if a.threads:
         torch.set_num_threads(a.threads)
     cmd = " ".join(["formers bench speed", *(sys.argv[1:] if argv is None else argv)]).replace(

@@ -68,11 +68,7 @@ class Encoder(SequenceModel):
         if getattr(self.position, "kind", "") == "absolute":
             x = self.position(x, 0)
         if last_rows is not None:
-            *first, last = self.stack.blocks
-            x = self.drop(x)
-            for block in first:
-                x = self.stack.run(block, x, mask=mask)
-            return self.norm(last.forward_prefix(x, last_rows, mask=mask))  # (B, last_rows, D)
+            return self.norm(self.stack.forward_prefix(self.drop(x), last_rows, mask=mask))  # (B, last_rows, D)
         x = self.stack(self.drop(x), mask=mask, positions=self._relative_positions(), cache=None)
         return self.norm(x)
 
@@ -80,18 +76,17 @@ class Encoder(SequenceModel):
         """The last block may stop at the cls token's row: evaluation, cls pooling of sequences, no relative
         positions (the prefix path's attention takes none), a plain stack whose last block allows it
         (`Block.prefix_ok`), the encoder's own forward methods, no hooks or replaced forward on the stack or norm."""
-        from formers.blocks import Block, PlainStack
+        from formers.blocks import PlainStack
         from formers.nn.hooks import forward_unpatched, hook_free
 
         if self.training or self.cls_token is None or self._relative_positions() is not None:
             return False
         cls = type(self)
         if (cls.forward_features is not Encoder.forward_features or cls.forward_head is not Encoder.forward_head
-                or cls.forward is not Encoder.forward or type(self.stack) is not PlainStack or not self.stack.blocks):
+                or cls.forward is not Encoder.forward):
             return False
-        last = self.stack.blocks[-1]
-        return (type(last) is Block and last.prefix_ok() and hook_free(self, self.stack, self.norm)
-                and forward_unpatched(self, self.stack, self.norm))
+        return (type(self.stack) is PlainStack and self.stack.prefix_ok() and hook_free(self.norm)
+                and forward_unpatched(self.norm))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, mask: torch.Tensor | None = None):
         if self.level == "sequence":

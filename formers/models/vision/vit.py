@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from formers.blocks import Block, PlainStack, _row_wise, build_stack, layer_specs, merge_spec
+from formers.blocks import Block, PlainStack, build_stack, is_row_wise, layer_specs, merge_spec
 from formers.models.vision.base import DropPath, LayerScale, VisionModel, drop_path_rates
 from formers.models.vision.vit_options import TokenAwareAvgPool, ats_schedule, check_loop, install_tap, run_blocks
 from formers.nn.hooks import clear_aux, forward_unpatched, hook_free
@@ -58,7 +58,7 @@ class BranchResidual(nn.Module):
 
     @property
     def row_wise(self) -> bool:  # Block.prefix_ok: per-channel scale; drop-path draws per sample, none in eval
-        return _row_wise(self.residual) and not getattr(self.ls, "channels_first", False)
+        return is_row_wise(self.residual) and not getattr(self.ls, "channels_first", False)
 
     def forward(self, x: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         return self.residual(x, self.drop_path(self.ls(update)))
@@ -201,8 +201,7 @@ class ViT(VisionModel):
         class token's row of the last block is computed (`Block.forward_prefix`): the logits are the same, about
         1/depth of the work is skipped. `forward_features` always returns every token."""
         if self._class_token_only():
-            self.check_input(x)
-            return self.forward_head(self.forward_features(x, last_rows=1))
+            return self.forward_head(self.forward_features(x, last_rows=1))  # forward_features checks x
         return super().forward(x)
 
     def _class_token_only(self) -> bool:
@@ -210,15 +209,12 @@ class ViT(VisionModel):
         Blocks without ATS/TAP or rotary positions, a last block that allows it, no hooks on the stack or norm."""
         if self.training or self.global_pool != "token" or self.ats or self.tap_scales > 1 or self.pos_kind == "rope":
             return False
-        if type(self.stack) is not PlainStack or not self.stack.blocks:
-            return False
         cls = type(self)  # a subclass's own features or pooling would not see the shortened last block
         if (cls.forward_features is not ViT.forward_features or cls.pool is not ViT.pool
                 or cls.forward_head is not ViT.forward_head):
             return False
-        last = self.stack.blocks[-1]
-        return (type(last) is Block and last.prefix_ok() and hook_free(self.stack, self.norm)
-                and forward_unpatched(self, self.stack, self.norm))
+        return (type(self.stack) is PlainStack and self.stack.prefix_ok() and hook_free(self.norm)
+                and forward_unpatched(self.norm))
 
     def forward_features(self, x: torch.Tensor, last_rows: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, prefix + (H/p)(W/p), D) after the final norm (if any); with ATS,
@@ -244,10 +240,7 @@ class ViT(VisionModel):
         if self.ats or (self.adl_weight > 0 and self.training):
             x = run_blocks(self, x, positions)  # ATS: (B, M, D) with zero filler rows past `last_kept`
         elif last_rows is not None:
-            *first, last = self.stack.blocks
-            for block in first:
-                x = self.stack.run(block, x)
-            x = last.forward_prefix(x, last_rows)  # (B, last_rows, D)
+            x = self.stack.forward_prefix(x, last_rows)  # (B, last_rows, D)
         else:
             x = self.stack(x, positions=positions)
         return self.norm(x)
