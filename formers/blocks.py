@@ -37,6 +37,38 @@ class AddResidual(nn.Module):
         return x + update
 
 
+def linear_add(res: torch.Tensor, y: torch.Tensor, out: nn.Module | None, inplace: bool = False) -> torch.Tensor:
+    """`res + out(y)` (`res + y` when out is None) with a plain nn.Linear `out` accumulating into the result: the
+    residual (plus the bias) is the matmul's starting value (`addmm_`, beta = 1), so there is no separate (B, N, D)
+    output of the layer and no second pass to add it. `inplace=True` writes into `res` itself (only for a tensor that
+    nobody else holds). Any other `out` (a quantized or adapted layer, hooks, another dtype) is called as usual.
+    Inference only (no autograd): tests/test_fast_paths.py checks it equal to the plain sum."""
+    from formers.nn.hooks import forward_unpatched, hook_free
+
+    if out is None:
+        return res.add_(y) if inplace else res + y
+    w = getattr(out, "weight", None)
+    if (type(out) is not nn.Linear or not hook_free(out) or not forward_unpatched(out)
+            or not (res.dtype == y.dtype == w.dtype) or res.shape[:-1] != y.shape[:-1]
+            or res.shape[-1] != w.shape[0] or (inplace and not res.is_contiguous())):
+        u = out(y)
+        return res.add_(u) if inplace else res + u
+    return add_matmul(res, y, w, out.bias, inplace)
+
+
+def add_matmul(res: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+               inplace: bool = False) -> torch.Tensor:
+    """`res + F.linear(y, w, b)` as `(res + b) += y w^T` in one matmul (`linear_add`; `LM.generate`'s decoding step
+    uses it too, so that both give the same bits). res (..., out), y (..., in), w (out, in); `inplace` writes into
+    res (contiguous)."""
+    if inplace:
+        acc = res if b is None else res.add_(b)
+    else:
+        acc = (res + b if b is not None else res.clone()).contiguous()
+    acc.view(-1, w.shape[0]).addmm_(y.reshape(-1, w.shape[1]), w.t())
+    return acc
+
+
 # --------------------------------------------------------------------------------------------------- placement
 
 
@@ -65,7 +97,43 @@ class PreNorm(Placement):
         self.norm = norm()
 
     def forward(self, x, **kw):
+        if self._fuses_residual():  # inference: the sublayer's last linear layer adds into the stream
+            y, out = self.fn.forward_split(self.norm(x), **kw)
+            return linear_add(x, y, out)
         return self.residual(x, self._drop(self.fn(self.norm(x), **kw)))
+
+    def add_into(self, x: torch.Tensor, **kw) -> torch.Tensor:
+        """`self(x, **kw)` written into x's own storage where the fused inference path applies, else `self(x)`.
+        Only for an x that nobody else holds: Block passes the fresh output of its token-mixer sublayer."""
+        from formers.nn.hooks import forward_unpatched, hook_free
+
+        if self._fuses_residual() and x.is_contiguous() and hook_free(self) and forward_unpatched(self):
+            y, out = self.fn.forward_split(self.norm(x), **kw)
+            return linear_add(x, y, out, inplace=True)
+        return self(x, **kw)
+
+    def _fuses_residual(self) -> bool:
+        """Whether the fused inference path may run: no autograd; this class's own forward; a plain add residual;
+        no active dropout; a sublayer whose `forward_split` (`forward` stopped before its last linear layer, same
+        defining class as its `forward`) says what that layer is; no hooks or replaced forwards on the modules
+        the fused path does not call."""
+        from formers.nn.hooks import forward_unpatched, hook_free
+
+        return (not torch.is_grad_enabled() and type(self).forward is PreNorm.forward
+                and type(self.residual) is AddResidual and not (self.training and self.drop.p)
+                and _splits(type(self.fn)) and hook_free(self.fn, self.residual, self.drop)
+                and forward_unpatched(self.fn, self.residual, self.drop))
+
+
+def _splits(cls: type) -> bool:
+    """The class's `forward_split` and `forward` come from the same class (a subclass that replaces `forward`
+    alone would not be described by the inherited `forward_split`)."""
+    return _defined_in(cls, "forward_split") is not None and _defined_in(cls, "forward_split") is _defined_in(
+        cls, "forward")
+
+
+def _defined_in(cls: type, name: str) -> type | None:
+    return next((c for c in cls.__mro__ if name in c.__dict__), None)
 
 
 @register("placement", "post", paper="baseline", aliases=("post_ln", "postnorm"))
@@ -169,7 +237,21 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, **kw) -> torch.Tensor:
         x = self.attn(x, **kw)
-        return self.ffn(x) if self.has_ffn else x
+        if not self.has_ffn:
+            return x
+        if self._fresh_after_attn():  # inference: the feed-forward adds into the token mixer's fresh output
+            return self.ffn.add_into(x)
+        return self.ffn(x)
+
+    def _fresh_after_attn(self) -> bool:
+        """The token-mixer sublayer returns a tensor nobody else holds (a plain Pre-LN add: `x + u` or the fused
+        `linear_add`, no hooks that could keep or replace it) and the feed-forward sublayer is a Pre-LN one that
+        can write into it (`PreNorm.add_into`)."""
+        from formers.nn.hooks import forward_unpatched, hook_free
+
+        a = self.attn
+        return (not torch.is_grad_enabled() and type(a) is PreNorm and type(self.ffn) is PreNorm
+                and type(a.residual) is AddResidual and hook_free(a, a.residual) and forward_unpatched(a, a.residual))
 
     def forward_prefix(self, x: torch.Tensor, n: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """`self(x)[:, :n]` computed for those n rows only: (B, N, D) -> (B, n, D). The token mixer still reads
@@ -308,4 +390,5 @@ def build_stack(spec: Any, depth: int, make_block: Callable[[int], nn.Module], p
     return build("stack", spec, path=path, reserved=("depth", "make_block"), depth=depth, make_block=make_block)
 
 
-__all__ = ["Block", "BLOCK_DEFAULTS", "PlainStack", "is_row_wise", "layer_specs", "build_stack", "merge_spec"]
+__all__ = ["Block", "BLOCK_DEFAULTS", "PlainStack", "add_matmul", "is_row_wise", "layer_specs", "linear_add",
+           "build_stack", "merge_spec"]

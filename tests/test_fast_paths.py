@@ -570,3 +570,144 @@ def test_encoder_cls_only_is_off_where_it_does_not_apply(why, monkeypatch):
     y = m(idx)
     torch.testing.assert_close(y, m.forward_head(m.forward_features(idx)))
     assert seen == ([1, 1] if why == "norm_hook" else [])
+
+
+# --------------------------------------------------- inference: the last linear layer adds into the residual stream
+
+def _block(spec, dim=24, causal=False):
+    from formers.blocks import Block
+
+    torch.manual_seed(0)
+    b = Block(dim, causal, spec)
+    with torch.no_grad():  # non-zero biases, so that a dropped or doubled bias shows
+        for p in b.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return b.eval()
+
+
+def _naive_block(b, x):
+    """x + Wo attn(LN(x)) + bo, then + W2 GELU(W1 LN(.) + b1) + b2: the default block's formulas, written here."""
+    a, f = b.attn.fn, b.ffn.fn
+    B, N, D = x.shape
+    h = torch.nn.functional.layer_norm(x, (D,), b.attn.norm.weight, b.attn.norm.bias, b.attn.norm.eps)
+    q = (h @ a.q.weight.T + a.q.bias).view(B, N, a.heads, a.head_dim).transpose(1, 2)
+    k, v = (h @ a.kv.weight.T + a.kv.bias).view(B, N, 2, a.kv_heads, a.head_dim).permute(2, 0, 3, 1, 4)
+    k, v = k.repeat_interleave(a.heads // a.kv_heads, 1), v.repeat_interleave(a.heads // a.kv_heads, 1)
+    att = ((q @ k.transpose(-1, -2)) * a.scale).softmax(-1) @ v
+    z = x + att.transpose(1, 2).reshape(B, N, -1) @ a.out.weight.T + a.out.bias
+    h = torch.nn.functional.layer_norm(z, (D,), b.ffn.norm.weight, b.ffn.norm.bias, b.ffn.norm.eps)
+    return z + torch.nn.functional.gelu(h @ f.fc1.weight.T + f.fc1.bias) @ f.fc2.weight.T + f.fc2.bias
+
+
+def test_fused_residual_block_equals_naive_block_and_leaves_input_alone(monkeypatch):
+    """Without autograd, a Pre-LN block adds its attention output projection and fc2 straight into the stream
+    (`linear_add`; fc2 into the attention sublayer's fresh output): equal to the block's formulas written here and
+    to the autograd (plain) path; the caller's input is not written into; both sublayers took the fused path."""
+    from formers import blocks
+
+    b = _block({"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2, "bias": True}, "ffn": {"name": "mlp"},
+                "dropout": 0.1})  # dropout is the identity in evaluation
+    x = torch.randn(3, 11, 24)
+    x0 = x.clone()
+    calls = []
+    real = blocks.add_matmul
+    monkeypatch.setattr(blocks, "add_matmul", lambda *a, **k: calls.append(k.get("inplace", a[4:5])) or real(*a, **k))
+    with torch.no_grad():
+        y = b(x)
+    assert len(calls) == 2  # the attention projection, then fc2
+    assert torch.equal(x, x0)
+    torch.testing.assert_close(y, _naive_block(b, x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, b(x).detach(), atol=1e-6, rtol=1e-6)  # autograd on: the plain path
+
+
+@pytest.mark.parametrize("spec", [
+    {"ffn": {"name": "glu"}},  # no forward_split: attention fused, the GLU added as a module output
+    {"ffn": "none"},
+    {"mixer": {"name": "softmax", "heads": 4, "explicit": True}, "norm": "rmsnorm"},
+    {"mixer": {"name": "gated", "heads": 4}},  # output_mod: still split before the projection
+    {"mixer": {"name": "mdha", "heads": 4}, "causal": True},  # its own forward: not split
+    {"placement": "lns"}, {"placement": "peri"}, {"residual": "gru_gate"},
+])
+def test_fused_residual_other_blocks_equal_plain_path(spec):
+    """Other blocks give the autograd (plain) path's output under no_grad, fused where their parts allow it."""
+    spec = dict(spec)
+    causal = spec.pop("causal", False)
+    b = _block(spec, causal=causal)
+    x = torch.randn(2, 9, 24)
+    with torch.no_grad():
+        y = b(x)
+    torch.testing.assert_close(y, b(x).detach(), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("why", ["out_hook", "fc2_hook", "ffn_hook", "attn_hook", "patched_fc2", "adapted_out",
+                                 "train_dropout", "own_forward"])
+def test_fused_residual_is_off_where_it_would_differ(why):
+    """A hook on the output projection or fc2 sees their output; a hook on the feed-forward sublayer sees an input,
+    and one on the attention sublayer an output, that nothing writes into afterwards; a forward replaced on fc2,
+    an output projection of another type (an adapter), active dropout and a mixer subclass with its own forward
+    (not described by the inherited forward_split) are honoured: each equals the autograd path."""
+    from formers.nn.attention import SoftmaxAttention
+
+    torch.manual_seed(0)
+    b = _block({"dropout": 0.5} if why == "train_dropout" else {})
+    x = torch.randn(2, 9, 24)
+    seen = []
+    if why == "out_hook":
+        b.attn.fn.out.register_forward_hook(lambda mod, i, o: seen.append(o))
+    elif why == "fc2_hook":
+        b.ffn.fn.fc2.register_forward_hook(lambda mod, i, o: seen.append(o))
+    elif why == "ffn_hook":
+        b.ffn.register_forward_pre_hook(lambda mod, i: seen.append(i[0]))
+    elif why == "attn_hook":
+        b.attn.register_forward_hook(lambda mod, i, o: seen.append(o))
+    elif why == "patched_fc2":
+        fc2 = b.ffn.fn.fc2
+        fc2.forward = lambda t: torch.nn.functional.linear(t, fc2.weight, fc2.bias) * 2.0
+    elif why == "adapted_out":
+        class Scaled(torch.nn.Linear):
+            def forward(self, t):
+                return super().forward(t) * 0.5
+
+        old = b.attn.fn.out
+        b.attn.fn.out = Scaled(old.in_features, old.out_features, bias=old.bias is not None)
+        b.attn.fn.out.load_state_dict(old.state_dict())
+    elif why == "train_dropout":
+        b.train()
+    elif why == "own_forward":
+        b.attn.fn.__class__ = type("Doubled", (SoftmaxAttention,),
+                                   {"forward": lambda self, t, **kw: 2 * SoftmaxAttention.forward(self, t, **kw)})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        y = b(x)
+    assert len(seen) == (1 if why.endswith("hook") else 0)
+    torch.manual_seed(1)
+    ref = b(x).detach()  # autograd on: the plain path, which writes into nothing
+    torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
+    if why.endswith("hook"):  # what the hook got under no_grad was that tensor, and nothing overwrote it later
+        torch.testing.assert_close(seen[0], seen[1].detach(), atol=1e-6, rtol=1e-6)
+
+
+def test_fused_residual_models_equal_autograd_path():
+    """Whole models in evaluation: LM logits, encoder outputs (padded with a key mask, and packed) and ViT logits
+    under no_grad equal their autograd-path values."""
+    torch.manual_seed(0)
+    lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).eval()
+    ids = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        a = lm(ids)
+    torch.testing.assert_close(a, lm(ids).detach(), atol=1e-5, rtol=1e-5)
+    vit = _vit()
+    img = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        a = vit.forward_head(vit.forward_features(img))
+    torch.testing.assert_close(a, vit.forward_head(vit.forward_features(img)).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_add_into_on_a_placement_with_its_own_forward_calls_it():
+    """`PreNorm.add_into` on a subclass with its own forward (LayerNorm Scaling, P61) runs that forward."""
+    b = _block({"placement": "lns"})
+    b.ffn.scale = 0.25  # as if the block were deeper: the scaled norm output must reach the feed-forward
+    x = torch.randn(2, 7, 24)
+    with torch.no_grad():
+        ref = b.ffn(x)
+        torch.testing.assert_close(b.ffn.add_into(x.clone()), ref, atol=1e-6, rtol=1e-6)

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from formers.blocks import add_matmul
 from formers.models.base import SequenceModel
 from formers.nn.attention import KVCache, _sdpa
 from formers.nn.hooks import clear_aux
@@ -166,15 +167,23 @@ def _norm_fn(m: nn.Module):
     return m
 
 
-def _ffn_fn(m: nn.Module):
-    """h -> ffn(h): the MLP with a plain GELU inlined (its out-of-place GELU, as for one token), others called."""
+def _ffn_add(m: nn.Module):
+    """(h, x) -> x + ffn(h), written into x, as `PreNorm.add_into` computes it (the same ops, so the same bits): the
+    MLP with a plain GELU inlined (its out-of-place GELU, as for one token), a feed-forward with `forward_split`
+    through it, anything else called."""
+    from formers.blocks import _splits, add_matmul, linear_add
     from formers.nn.ffn import MLP
 
     if (type(m) is MLP and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear and isinstance(m.act, nn.GELU)
             and type(m.act).forward is nn.GELU.forward):
         w1, b1, w2, b2, approximate = m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act.approximate
-        return lambda h: F.linear(F.gelu(F.linear(h, w1, b1), approximate=approximate), w2, b2)
-    return m
+        return lambda h, x: add_matmul(x, F.gelu(F.linear(h, w1, b1), approximate=approximate), w2, b2, inplace=True)
+    if _splits(type(m)):
+        def split_add(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            y, out = m.forward_split(h)
+            return linear_add(x, y, out, inplace=True)
+        return split_add
+    return lambda h, x: x + m(h)
 
 
 def decode_plan(model: LM) -> list[tuple] | None:
@@ -208,7 +217,7 @@ def decode_plan(model: LM) -> list[tuple] | None:
             f = block.ffn
             if type(f) is not PreNorm or type(f.residual) is not AddResidual:
                 return None
-            ffn = (_norm_fn(f.norm), _ffn_fn(f.fn))
+            ffn = (_norm_fn(f.norm), _ffn_add(f.fn))
         plan.append((_norm_fn(block.attn.norm), attn, ffn))
     return plan
 
@@ -227,10 +236,10 @@ def decode_step(model: LM, plan: list[tuple], idx: torch.Tensor, cache: list[KVC
         k, v = F.linear(h, wkv, bkv).view(B, 1, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # (B, Hkv, 1, Dh) each
         k, v = c.update(k, v)  # (B, Hkv, L, Dh): the one query sees every cached key, no mask
         y = _sdpa(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
-        x = x + F.linear(y.transpose(1, 2).reshape(B, 1, H * Dh), wo, bo)
-        if ffn is not None:
-            norm2, mlp = ffn
-            x = x + mlp(norm2(x))
+        x = add_matmul(x, y.transpose(1, 2).reshape(B, 1, H * Dh), wo, bo)  # as PreNorm's fused inference path
+        if ffn is not None:  # x is fresh: the feed-forward adds into it, as Block.forward does in inference
+            norm2, ffn_add = ffn
+            x = ffn_add(norm2(x), x)
     return model.forward_head(model.norm(x))[:, -1]
 
 

@@ -180,10 +180,20 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, positions=None,
                 cache: KVCache | None = None, context: torch.Tensor | None = None,
                 seqlens: torch.Tensor | None = None, **unused) -> torch.Tensor:
+        y, out = self.forward_split(x, mask=mask, positions=positions, cache=cache, context=context,
+                                    seqlens=seqlens, **unused)
+        return out(y)
+
+    def forward_split(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, positions=None,
+                      cache: KVCache | None = None, context: torch.Tensor | None = None,
+                      seqlens: torch.Tensor | None = None, **unused) -> tuple[torch.Tensor, nn.Module]:
+        """`forward` stopped before the output projection: (y, out) with `self(x, ...) == out(y)`, y the merged
+        heads (B, N, H*Dh) and out `self.out`. A Pre-LN block uses it in inference to add the projection
+        straight into its residual stream (`PreNorm`, `linear_add`)."""
         if seqlens is not None:  # packed variable-length batch (P37): attention per sequence, formers/nn/packed.py
             from formers.nn.packed import packed_self_attention
             return packed_self_attention(self, x, seqlens, mask=mask, positions=positions, cache=cache,
-                                         context=context, **unused)
+                                         context=context, **unused), self.out
         if unused:
             raise FormersError(f"softmax mixer got unsupported arguments: {sorted(unused)}")
         B, N, _ = x.shape
@@ -237,8 +247,7 @@ class SoftmaxAttention(nn.Module):
         if empty is not None and bool(empty.any()):
             y = y.masked_fill(empty, 0.0)
         y = self.output_mod(y, x)
-        y = y.transpose(1, 2).reshape(B, N, H * Dh)  # (B, N, H*Dh)
-        return self.out(y)
+        return y.transpose(1, 2).reshape(B, N, H * Dh), self.out  # (B, N, H*Dh), the output projection
 
     def _fusable(self) -> bool:
         """Whether q, k, v may come from one matmul: `project` not overridden (by a subclass or on the instance)

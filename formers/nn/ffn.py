@@ -35,13 +35,22 @@ class MLP(nn.Module):
         self.hidden_drop = nn.Dropout(hidden_dropout) if hidden_dropout else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, out = self.forward_split(x)
+        return h if out is None else out(h)
+
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module | None]:
+        """`forward` stopped before fc2: (h, fc2) with `self(x) == fc2(h)`, h the hidden activations; (result,
+        None) when output dropout is active. A Pre-LN block uses it in inference to add fc2 straight into its
+        residual stream (`PreNorm`, `linear_add`)."""
         if self._gelu_in_place():  # inference fast path, tests/test_fast_paths.py
             h = F.linear(x, self.fc1.weight, self.fc1.bias)
             if h.numel() >= IN_PLACE_MIN:
-                return self.fc2(torch.ops.aten.gelu_(h, approximate=self.act.approximate))
-            return self.fc2(F.gelu(h, approximate=self.act.approximate))
-        y = self.fc2(self.hidden_drop(self.act(self.fc1(x))))
-        return self.drop(y) if self.drop.p else y  # no module call at p = 0
+                return torch.ops.aten.gelu_(h, approximate=self.act.approximate), self.fc2
+            return F.gelu(h, approximate=self.act.approximate), self.fc2
+        h = self.hidden_drop(self.act(self.fc1(x)))
+        if self.drop.p and (self.training or not hook_free(self.drop) or not forward_unpatched(self.drop)):
+            return self.drop(self.fc2(h)), None
+        return h, self.fc2  # output dropout is the identity in evaluation mode (or p = 0)
 
     def _gelu_in_place(self) -> bool:
         """Without autograd, GELU overwrites fc1's fresh output (from IN_PLACE_MIN elements) instead of allocating

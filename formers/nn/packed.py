@@ -12,7 +12,7 @@ packed tokens seqlens[i]:seqlens[i+1]); packed hidden states are (1, T, D) with 
     pack, unpack, pack_sequences    padded (B, N, ...) + mask  <->  packed (1, T, ...) + seqlens
     check_seqlens, sequence_ids, positions_in_sequence, lengths_to_seqlens    offset helpers
     varlen_attention, length_buckets    attention on (H, T, Dh) per sequence, never a T x T mask
-    packed_self_attention           SoftmaxAttention's forward when it is given `seqlens`
+    packed_self_attention           SoftmaxAttention's forward_split when it is given `seqlens`
 
 The CUDA kernels (fused MHA, grouped GEMM with softmax in the epilogue) are out of scope: on CPU the attention runs
 through `F.scaled_dot_product_attention` per length bucket (see `varlen_attention`).
@@ -228,7 +228,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
 def packed_self_attention(attn, x: torch.Tensor, seqlens: torch.Tensor, *, mask: torch.Tensor | None = None,
                           positions=None, cache=None, context: torch.Tensor | None = None,
                           **unused) -> torch.Tensor:
-    """`SoftmaxAttention.forward(x, seqlens=...)` (and its subclasses'): x (1, T, D) packed -> (1, T, D).
+    """`SoftmaxAttention.forward_split(x, seqlens=...)` (and its subclasses'): x (1, T, D) packed -> the merged
+    heads (1, T, H*Dh), before the output projection `attn.out`.
 
     q, k, v and the output projection run on the T packed tokens; attention runs per sequence through
     `varlen_attention`; relative positions (rotary, ALiBi) restart at 0 in every sequence. The explicit path
@@ -284,4 +285,4 @@ def packed_self_attention(attn, x: torch.Tensor, seqlens: torch.Tensor, *, mask:
             return attn._explicit(qb, kb, vb, allowed, b, drop)
     y = varlen_attention(q, k, v, seqlens, attn.scale, attn.causal, dropout_p=drop, bias=bias, attend=attend)
     y = attn.output_mod(y[None], x)  # (1, H, T, Dh)
-    return attn.out(y.transpose(1, 2).reshape(1, T, H * Dh))
+    return y.transpose(1, 2).reshape(1, T, H * Dh)
