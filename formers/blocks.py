@@ -37,18 +37,21 @@ class AddResidual(nn.Module):
         return x + update
 
 
-def linear_add(res: torch.Tensor, y: torch.Tensor, out: nn.Module | None, inplace: bool = False) -> torch.Tensor:
+def linear_add(res: torch.Tensor, y: torch.Tensor, out: Callable | None, inplace: bool = False) -> torch.Tensor:
     """`res + out(y)` (`res + y` when out is None) with a plain nn.Linear `out` accumulating into the result: the
     residual (plus the bias) is the matmul's starting value (`addmm_`, beta = 1), so there is no separate (B, N, D)
     output of the layer and no second pass to add it. `inplace=True` writes into `res` itself (only for a tensor that
     nobody else holds). Any other `out` (a quantized or adapted layer, hooks, another dtype) is called as usual.
-    Inference only (no autograd): tests/test_fast_paths.py checks it equal to the plain sum."""
+    `out` may also be an `Affine` (a weight and a folded bias from `SoftmaxAttention.forward_split`). Inference only
+    (no autograd): tests/test_fast_paths.py checks it equal to the plain sum."""
+    from formers.nn.attention import Affine
     from formers.nn.hooks import forward_unpatched, hook_free
 
     if out is None:
         return res.add_(y) if inplace else res + y
     w = getattr(out, "weight", None)
-    if (type(out) is not nn.Linear or not hook_free(out) or not forward_unpatched(out)
+    plain = type(out) is Affine or (type(out) is nn.Linear and hook_free(out) and forward_unpatched(out))
+    if (not plain
             or not (res.dtype == y.dtype == w.dtype) or res.shape[:-1] != y.shape[:-1]
             or res.shape[-1] != w.shape[0] or (inplace and not res.is_contiguous())):
         u = out(y)

@@ -711,3 +711,61 @@ def test_add_into_on_a_placement_with_its_own_forward_calls_it():
     with torch.no_grad():
         ref = b.ffn(x)
         torch.testing.assert_close(b.ffn.add_into(x.clone()), ref, atol=1e-6, rtol=1e-6)
+
+
+def test_kv_bias_fold_runs_and_equals_plain_attention(monkeypatch):
+    """Inference without a mask, positions or cache: the key/value projection runs without its bias (softmax ignores
+    q . b_k, the same for every key of a row; b_v passes whole through weights that sum to 1) and W_o b_v joins the
+    output bias, with grouped key/value heads; equal to the autograd path and to a naive attention written here."""
+    from formers.nn import attention as A
+
+    torch.manual_seed(0)
+    m = make(dim=24, heads=6, kv_heads=2, bias=True, causal=False).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)  # large biases, so that a dropped b_v or a wrong head mapping shows
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    folds = []
+    real = A.Affine.__init__
+    monkeypatch.setattr(A.Affine, "__init__", lambda self, w, b: folds.append(1) or real(self, w, b))
+    with torch.no_grad():
+        y = m(x)
+    assert folds == [1]
+    q = (x @ m.q.weight.T + m.q.bias).view(2, 9, 6, 4).transpose(1, 2)
+    k, v = (x @ m.kv.weight.T + m.kv.bias).view(2, 9, 2, 2, 4).permute(2, 0, 3, 1, 4)
+    k, v = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
+    naive = (((q @ k.transpose(-1, -2)) * 0.5).softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 24)
+    torch.testing.assert_close(y, (naive @ m.out.weight.T + m.out.bias).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, m(x).detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("why", ["empty_row_mask", "rope", "cache", "gated"])
+def test_kv_bias_fold_is_off_where_it_would_differ(why, monkeypatch):
+    """A key mask that leaves a row with no key (its output is zero, not b_v), rotary positions (q . R b_k depends
+    on the key), a KV cache (its keys must stay whole) and an output_mod (a gate scales b_v too): no fold, and the
+    output equals the autograd path."""
+    from formers.nn import attention as A
+
+    monkeypatch.setattr(A.Affine, "__init__", lambda *a: pytest.fail("kv bias folded"))
+    torch.manual_seed(0)
+    if why == "gated":
+        m = formers.build("mixer", "gated", dim=24, heads=6, bias=True).double()
+    else:
+        m = make(dim=24, heads=6, bias=True, causal=why in ("rope", "cache"))
+    m.eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    kw = {}
+    if why == "empty_row_mask":
+        kw["mask"] = torch.tensor([[True] * 9, [False] * 9])
+    elif why == "rope":
+        kw["positions"] = formers.build("position", "rope", dim=4, max_len=32)
+    c1, c2 = KVCache(), KVCache()
+    with torch.no_grad():
+        y = m(x, cache=c1, **kw) if why == "cache" else m(x, **kw)
+    ref = m(x, cache=c2, **kw) if why == "cache" else m(x, **kw)
+    torch.testing.assert_close(y, ref.detach(), atol=1e-5, rtol=1e-5)
+    if why == "cache":  # the cached keys and values are whole, for whichever path reads them next
+        torch.testing.assert_close(c1.k, c2.k.detach()), torch.testing.assert_close(c1.v, c2.v.detach())

@@ -20,8 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.nn.hooks import hook_free
+from formers.nn.hooks import forward_unpatched, hook_free
 from formers.registry import FormersError, register
+
+
+class Affine:
+    """y -> y W^T + b for a weight and bias that are not a module's own (a folded bias): what `forward_split`
+    returns in place of the output projection when it changed its bias (`linear_add` accumulates it too)."""
+
+    __slots__ = ("weight", "bias")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        self.weight, self.bias = weight, bias
+
+    def __call__(self, y: torch.Tensor) -> torch.Tensor:
+        return F.linear(y, self.weight, self.bias)
 
 
 class KVCache:
@@ -186,10 +199,11 @@ class SoftmaxAttention(nn.Module):
 
     def forward_split(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, positions=None,
                       cache: KVCache | None = None, context: torch.Tensor | None = None,
-                      seqlens: torch.Tensor | None = None, **unused) -> tuple[torch.Tensor, nn.Module]:
+                      seqlens: torch.Tensor | None = None, **unused) -> tuple[torch.Tensor, nn.Module | Affine]:
         """`forward` stopped before the output projection: (y, out) with `self(x, ...) == out(y)`, y the merged
-        heads (B, N, H*Dh) and out `self.out`. A Pre-LN block uses it in inference to add the projection
-        straight into its residual stream (`PreNorm`, `linear_add`)."""
+        heads (B, N, H*Dh) and out `self.out` (an `Affine` with its weight when inference folds the value bias into
+        its bias, `_folds_kv_bias`). A Pre-LN block uses it in inference to add the projection straight into its
+        residual stream (`PreNorm`, `linear_add`)."""
         if seqlens is not None:  # packed variable-length batch (P37): attention per sequence, formers/nn/packed.py
             from formers.nn.packed import packed_self_attention
             return packed_self_attention(self, x, seqlens, mask=mask, positions=positions, cache=cache,
@@ -199,8 +213,9 @@ class SoftmaxAttention(nn.Module):
         B, N, _ = x.shape
         H, Hkv, Dh = self.heads, self.kv_heads, self.head_dim
         own = context is None  # self-attention: the cache, causality and positions apply
+        fold = own and self._folds_kv_bias(mask, positions, cache)
         if own and self._fusable():
-            q, k, v = self._fused_qkv(x)  # (B, H, N, Dh), (B, Hkv, N, Dh) x 2
+            q, k, v = self._fused_qkv(x, kv_bias=not fold)  # (B, H, N, Dh), (B, Hkv, N, Dh) x 2
         else:
             src = x if own else context
             M = src.shape[1]
@@ -247,7 +262,24 @@ class SoftmaxAttention(nn.Module):
         if empty is not None and bool(empty.any()):
             y = y.masked_fill(empty, 0.0)
         y = self.output_mod(y, x)
-        return y.transpose(1, 2).reshape(B, N, H * Dh), self.out  # (B, N, H*Dh), the output projection
+        out = self.out
+        if fold:  # the value bias, which every softmax row (weights summing to 1) passes on whole, joins b_o
+            bv = self.kv.bias[Hkv * Dh:].view(Hkv, 1, Dh).expand(Hkv, H // Hkv, Dh).reshape(H * Dh)  # per query head
+            out = Affine(out.weight, out.weight @ bv if out.bias is None else torch.addmv(out.bias, out.weight, bv))
+        return y.transpose(1, 2).reshape(B, N, H * Dh), out  # (B, N, H*Dh), the output projection
+
+    def _folds_kv_bias(self, mask, positions, cache) -> bool:
+        """Inference, self-attention through `_fused_qkv` and SDPA, nothing masked (every row keeps weights that sum
+        to 1), no positions (a rotation would make q . b_k depend on the key), no cache (its keys must stay whole for
+        every later path), no output_mod, a plain output projection: the key bias adds the same q . b_k to every
+        score of a row, which softmax ignores, and the value bias adds b_v to every output row, so the key/value
+        projection may run without its bias (no broadcast copy of it) and W_o b_v joins the output bias.
+        tests/test_fast_paths.py checks the result equal to the plain path."""
+        kv, o = self.kv, self.out
+        return (not torch.is_grad_enabled() and kv.bias is not None and mask is None and positions is None
+                and cache is None and not (self.training and self.dropout) and not self._needs_explicit()
+                and type(self).output_mod is SoftmaxAttention.output_mod and "output_mod" not in self.__dict__
+                and self._fusable() and type(o) is nn.Linear and hook_free(o) and forward_unpatched(o))
 
     def _fusable(self) -> bool:
         """Whether q, k, v may come from one matmul: `project` not overridden (by a subclass or on the instance)
@@ -257,7 +289,7 @@ class SoftmaxAttention(nn.Module):
         return (type(self).project is SoftmaxAttention.project and "project" not in self.__dict__
                 and type(q) is nn.Linear and type(kv) is nn.Linear and hook_free(q, kv))
 
-    def _fused_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _fused_qkv(self, x: torch.Tensor, kv_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention q (B, H, N, Dh), k, v (B, Hkv, N, Dh), equal to `project` (the tests compare values and
         gradients). With autograd recording (training) one matmul with the stacked weight [W_q; W_kv]
         ((H + 2 Hkv) Dh, D); without (decoding, evaluation) two, since stacking copies the weights on every call,
@@ -267,7 +299,7 @@ class SoftmaxAttention(nn.Module):
         wq, bq, wkv, bkv = self.q.weight, self.q.bias, self.kv.weight, self.kv.bias
         if not torch.is_grad_enabled():
             q = F.linear(x, wq, bq).view(B, N, H, Dh).transpose(1, 2)
-            k, v = F.linear(x, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)
+            k, v = F.linear(x, wkv, bkv if kv_bias else None).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)
             return q, k, v
         b = None
         if bq is not None or bkv is not None:  # a folded norm (P54) may give only one of them a bias
