@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -50,10 +51,7 @@ def linear_add(res: torch.Tensor, y: torch.Tensor, out: Callable | None, inplace
     if out is None:
         return res.add_(y) if inplace else res + y
     w = getattr(out, "weight", None)
-    plain = type(out) is Affine or (type(out) is nn.Linear and hook_free(out) and forward_unpatched(out))
-    if (not plain
-            or not (res.dtype == y.dtype == w.dtype) or res.shape[:-1] != y.shape[:-1]
-            or res.shape[-1] != w.shape[0] or (inplace and not res.is_contiguous())):
+    if not (type(out) is Affine or (type(out) is nn.Linear and hook_free(out) and forward_unpatched(out))):
         u = out(y)
         return res.add_(u) if inplace else res + u
     return add_matmul(res, y, w, out.bias, inplace)
@@ -63,7 +61,12 @@ def add_matmul(res: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Ten
                inplace: bool = False) -> torch.Tensor:
     """`res + F.linear(y, w, b)` as `(res + b) += y w^T` in one matmul (`linear_add`; `LM.generate`'s decoding step
     uses it too, so that both give the same bits). res (..., out), y (..., in), w (out, in); `inplace` writes into
-    res (contiguous)."""
+    res (contiguous). Where that cannot hold the bits of `F.linear` (other dtypes, autocast, shapes that need
+    broadcasting, a non-contiguous res to write into) it is `res + F.linear(y, w, b)`."""
+    if (not (res.dtype == y.dtype == w.dtype) or torch.is_autocast_enabled(res.device.type)
+            or res.shape[:-1] != y.shape[:-1] or res.shape[-1] != w.shape[0] or (inplace and not res.is_contiguous())):
+        u = F.linear(y, w, b)
+        return res.add_(u) if inplace else res + u
     if inplace:
         acc = res if b is None else res.add_(b)
     else:
@@ -107,10 +110,12 @@ class PreNorm(Placement):
 
     def add_into(self, x: torch.Tensor, **kw) -> torch.Tensor:
         """`self(x, **kw)` written into x's own storage where the fused inference path applies, else `self(x)`.
-        Only for an x that nobody else holds: Block passes the fresh output of its token-mixer sublayer."""
+        Only for an x that nobody else holds: Block passes the fresh output of its token-mixer sublayer; no module
+        of this sublayer may have a hook or a replaced forward (it could keep x, which is then overwritten)."""
         from formers.nn.hooks import forward_unpatched, hook_free
 
-        if self._fuses_residual() and x.is_contiguous() and hook_free(self) and forward_unpatched(self):
+        mods = list(self.modules())  # the norm sees x itself, and so does the sublayer where the norm is an identity
+        if self._fuses_residual() and x.is_contiguous() and hook_free(*mods) and forward_unpatched(*mods):
             y, out = self.fn.forward_split(self.norm(x), **kw)
             return linear_add(x, y, out, inplace=True)
         return self(x, **kw)
@@ -120,10 +125,11 @@ class PreNorm(Placement):
         no active dropout; a sublayer whose `forward_split` (`forward` stopped before its last linear layer, same
         defining class as its `forward`) says what that layer is; no hooks or replaced forwards on the modules
         the fused path does not call."""
+        from formers.nn.ffn import idle_dropout
         from formers.nn.hooks import forward_unpatched, hook_free
 
         return (not torch.is_grad_enabled() and type(self).forward is PreNorm.forward
-                and type(self.residual) is AddResidual and not (self.training and self.drop.p)
+                and type(self.residual) is AddResidual and (not self.drop.p or idle_dropout(self.drop))
                 and _splits(type(self.fn)) and hook_free(self.fn, self.residual, self.drop)
                 and forward_unpatched(self.fn, self.residual, self.drop))
 

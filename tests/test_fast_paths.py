@@ -769,3 +769,58 @@ def test_kv_bias_fold_is_off_where_it_would_differ(why, monkeypatch):
     torch.testing.assert_close(y, ref.detach(), atol=1e-5, rtol=1e-5)
     if why == "cache":  # the cached keys and values are whole, for whichever path reads them next
         torch.testing.assert_close(c1.k, c2.k.detach()), torch.testing.assert_close(c1.v, c2.v.detach())
+
+
+def test_generate_under_autocast_takes_the_plain_sum():
+    """Under autocast the accumulated matmul would mix dtypes: the lean decoding step and the blocks add
+    `F.linear`'s autocast output instead, and cached generation still equals uncached."""
+    torch.manual_seed(0)
+    m = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).eval()
+    prompt = torch.randint(0, 40, (2, 5))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a = m.generate(prompt, 4, greedy=True)
+        b = m.generate(prompt, 4, greedy=True, use_cache=False)
+    assert a.shape == (2, 9) and torch.equal(a[:, :5], prompt)
+    assert torch.equal(a, b)
+
+
+def test_mc_dropout_in_an_eval_model_still_drops():
+    """MC dropout (the model in eval, single Dropout modules switched back to training) keeps dropping: in the MLP's
+    output dropout with and without autograd, and in a block's residual dropout under no_grad."""
+    from formers.blocks import Block
+    from formers.nn.ffn import MLP
+
+    torch.manual_seed(0)
+    m = MLP(8, act="relu", dropout=0.5).eval()
+    m.drop.train()
+    x = torch.randn(1, 64, 8)
+    with torch.no_grad():
+        assert (m(x) == 0).sum() > 50
+    assert (m(x) == 0).sum() > 50
+    b = Block(24, False, {"mixer": {"name": "softmax", "heads": 4}, "dropout": 0.5}).eval()
+    b.attn.drop.train()
+    b.ffn.fn.hidden_drop = torch.nn.Dropout(0.5)  # and the MLP's hidden dropout, switched on alone
+    b.ffn.fn.hidden_drop.train()
+    x = torch.randn(2, 9, 24)
+    with torch.no_grad():
+        assert not torch.equal(b(x), b(x))
+
+
+@pytest.mark.parametrize("where", ["norm", "identity_norm_fc1"])
+def test_add_into_leaves_tensors_held_by_hooks_alone(where):
+    """A hook anywhere in the feed-forward sublayer may keep the tensor that add_into would write into (the norm
+    gets it; so does fc1 when the norm is an identity, as after folding RepBN): then nothing is written in place,
+    and the kept tensor still holds its value from hook time."""
+    b = _block({})
+    kept, at_hook = [], []
+    if where == "norm":
+        target = b.ffn.norm
+    else:
+        b.ffn.norm = torch.nn.Identity()
+        target = b.ffn.fn.fc1
+    target.register_forward_pre_hook(lambda mod, i: kept.append(i[0]) or at_hook.append(i[0].clone()))
+    x = torch.randn(2, 9, 24)
+    with torch.no_grad():
+        y = b(x)
+    assert torch.equal(kept[0], at_hook[0])
+    torch.testing.assert_close(y, b(x).detach(), atol=1e-6, rtol=1e-6)

@@ -14,6 +14,15 @@ from formers.registry import build, register
 IN_PLACE_MIN = 1 << 16  # elements of fc1's output from which MLP applies GELU in place (inference)
 
 
+def idle_dropout(m: nn.Module) -> bool:
+    """A plain nn.Dropout in evaluation mode by its own flag, with no hooks or replaced forward: the identity, so a
+    fast path may skip it. (MC dropout switches single Dropout modules back to training inside an eval model; a
+    Dropout subclass may drop always.)"""
+    if type(m) is not nn.Dropout or not hook_free(m) or not forward_unpatched(m):
+        return False
+    return not m.training or m.p == 0
+
+
 @register("ffn", "mlp", paper="baseline")
 class MLP(nn.Module):
     """Two-layer feed-forward (Vaswani et al.): y = W2 act(W1 x + b1) + b2, hidden = mult * dim.
@@ -48,7 +57,7 @@ class MLP(nn.Module):
                 return torch.ops.aten.gelu_(h, approximate=self.act.approximate), self.fc2
             return F.gelu(h, approximate=self.act.approximate), self.fc2
         h = self.hidden_drop(self.act(self.fc1(x)))
-        if self.drop.p and (self.training or not hook_free(self.drop) or not forward_unpatched(self.drop)):
+        if self.drop.p and not idle_dropout(self.drop):
             return self.drop(self.fc2(h)), None
         return h, self.fc2  # output dropout is the identity in evaluation mode (or p = 0)
 
@@ -63,8 +72,8 @@ class MLP(nn.Module):
         the instance is honoured) and no active dropout."""
         return (not torch.is_grad_enabled() and type(self.fc1) is nn.Linear and isinstance(self.act, nn.GELU)
                 and type(self.act).forward is nn.GELU.forward
-                and not (self.training and self.drop.p)
-                and not (self.training and isinstance(self.hidden_drop, nn.Dropout))
+                and (not self.drop.p or idle_dropout(self.drop))
+                and (type(self.hidden_drop) is nn.Identity or idle_dropout(self.hidden_drop))
                 and hook_free(self.fc1, self.act, self.drop, self.hidden_drop)
                 and forward_unpatched(self.fc1, self.act))
 
