@@ -12,6 +12,7 @@ overrides (`model.layers`) are merged into the default spec before each block is
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -50,11 +51,10 @@ def linear_add(res: torch.Tensor, y: torch.Tensor, out: Callable | None, inplace
 
     if out is None:
         return res.add_(y) if inplace else res + y
-    w = getattr(out, "weight", None)
     if not (type(out) is Affine or (type(out) is nn.Linear and hook_free(out) and forward_unpatched(out))):
         u = out(y)
         return res.add_(u) if inplace else res + u
-    return add_matmul(res, y, w, out.bias, inplace)
+    return add_matmul(res, y, out.weight, out.bias, inplace)
 
 
 def add_matmul(res: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
@@ -112,33 +112,33 @@ class PreNorm(Placement):
         """`self(x, **kw)` written into x's own storage where the fused inference path applies, else `self(x)`.
         Only for an x that nobody else holds: Block passes the fresh output of its token-mixer sublayer; no module
         of this sublayer may have a hook or a replaced forward (it could keep x, which is then overwritten)."""
-        from formers.nn.hooks import forward_unpatched, hook_free
-
-        mods = list(self.modules())  # the norm sees x itself, and so does the sublayer where the norm is an identity
-        if self._fuses_residual() and x.is_contiguous() and hook_free(*mods) and forward_unpatched(*mods):
+        # every module, not only those the fused path skips: the norm sees x itself, and so does the sublayer where
+        # the norm is an identity
+        if x.is_contiguous() and self._fuses_residual(list(self.modules())):
             y, out = self.fn.forward_split(self.norm(x), **kw)
             return linear_add(x, y, out, inplace=True)
         return self(x, **kw)
 
-    def _fuses_residual(self) -> bool:
+    def _fuses_residual(self, mods: list[nn.Module] | None = None) -> bool:
         """Whether the fused inference path may run: no autograd; this class's own forward; a plain add residual;
         no active dropout; a sublayer whose `forward_split` (`forward` stopped before its last linear layer, same
-        defining class as its `forward`) says what that layer is; no hooks or replaced forwards on the modules
-        the fused path does not call."""
-        from formers.nn.ffn import idle_dropout
-        from formers.nn.hooks import forward_unpatched, hook_free
+        defining class as its `forward`) says what that layer is; no hooks or replaced forwards on `mods` (default:
+        the modules the fused path does not call)."""
+        from formers.nn.hooks import forward_unpatched, hook_free, idle_dropout
 
+        mods = mods or [self.fn, self.residual, self.drop]
         return (not torch.is_grad_enabled() and type(self).forward is PreNorm.forward
                 and type(self.residual) is AddResidual and (not self.drop.p or idle_dropout(self.drop))
-                and _splits(type(self.fn)) and hook_free(self.fn, self.residual, self.drop)
-                and forward_unpatched(self.fn, self.residual, self.drop))
+                and _splits(type(self.fn)) and hook_free(*mods) and forward_unpatched(*mods))
 
 
+@functools.cache
 def _splits(cls: type) -> bool:
     """The class's `forward_split` and `forward` come from the same class (a subclass that replaces `forward`
-    alone would not be described by the inherited `forward_split`)."""
-    return _defined_in(cls, "forward_split") is not None and _defined_in(cls, "forward_split") is _defined_in(
-        cls, "forward")
+    alone would not be described by the inherited `forward_split`). Cached per class: it runs on every sublayer
+    call in inference."""
+    owner = _defined_in(cls, "forward_split")
+    return owner is not None and owner is _defined_in(cls, "forward")
 
 
 def _defined_in(cls: type, name: str) -> type | None:

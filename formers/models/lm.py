@@ -171,7 +171,7 @@ def _ffn_add(m: nn.Module):
     """(h, x) -> x + ffn(h), written into x, as `PreNorm.add_into` computes it (the same ops, so the same bits): the
     MLP with a plain GELU inlined (its out-of-place GELU, as for one token), a feed-forward with `forward_split`
     through it, anything else called."""
-    from formers.blocks import _splits, add_matmul, linear_add
+    from formers.blocks import _splits, linear_add
     from formers.nn.ffn import MLP
 
     if (type(m) is MLP and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear and isinstance(m.act, nn.GELU)

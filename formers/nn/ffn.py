@@ -8,19 +8,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.nn.hooks import forward_unpatched, hook_free
+from formers.nn.hooks import forward_unpatched, hook_free, idle_dropout
 from formers.registry import build, register
 
 IN_PLACE_MIN = 1 << 16  # elements of fc1's output from which MLP applies GELU in place (inference)
-
-
-def idle_dropout(m: nn.Module) -> bool:
-    """A plain nn.Dropout in evaluation mode by its own flag, with no hooks or replaced forward: the identity, so a
-    fast path may skip it. (MC dropout switches single Dropout modules back to training inside an eval model; a
-    Dropout subclass may drop always.)"""
-    if type(m) is not nn.Dropout or not hook_free(m) or not forward_unpatched(m):
-        return False
-    return not m.training or m.p == 0
 
 
 @register("ffn", "mlp", paper="baseline")

@@ -5,7 +5,8 @@
 - Step-dependent components (PRepBN's schedule, feature redraw, noise annealing) define `set_step(step)`; the
   trainer calls `set_step(model, step)` before every optimizer step.
 
-Also `hook_free`: whether PyTorch module hooks are absent, so that a fused fast path may skip a submodule's forward.
+Also `hook_free`, `forward_unpatched` and `idle_dropout`: whether a fused fast path may skip a submodule's forward
+(no PyTorch module hooks, no forward replaced on the instance, a dropout that is the identity).
 """
 
 from __future__ import annotations
@@ -75,3 +76,11 @@ def forward_unpatched(*mods: nn.Module) -> bool:
     fast path that reads a module's weights instead of calling it must not skip such a replacement."""
     return not any("forward" in vars(m) for m in mods)
 
+
+def idle_dropout(m: nn.Module) -> bool:
+    """A plain nn.Dropout in evaluation mode by its own flag, with no hooks or replaced forward: the identity, so a
+    fast path may skip it. (MC dropout switches single Dropout modules back to training inside an eval model; a
+    Dropout subclass may drop always.)"""
+    if type(m) is not nn.Dropout or not hook_free(m) or not forward_unpatched(m):
+        return False
+    return not m.training or m.p == 0

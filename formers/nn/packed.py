@@ -231,7 +231,7 @@ def packed_self_attention(attn, x: torch.Tensor, seqlens: torch.Tensor, *, mask:
     """`SoftmaxAttention.forward_split(x, seqlens=...)` (and its subclasses'): x (1, T, D) packed -> the merged
     heads (1, T, H*Dh), before the output projection `attn.out`.
 
-    q, k, v and the output projection run on the T packed tokens; attention runs per sequence through
+    q, k, v (and then the caller's output projection) run on the T packed tokens; attention runs per sequence through
     `varlen_attention`; relative positions (rotary, ALiBi) restart at 0 in every sequence. The explicit path
     (`score_mod` / `probs` hooks) runs per bucket with the bucket's own mask; `output_mod` sees (1, H, T, Dh).
     Unsupported, with a FormersError: a KV cache, cross-attention (`context`), a key-padding `mask` (packing
