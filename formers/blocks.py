@@ -44,8 +44,8 @@ def linear_add(res: torch.Tensor, y: torch.Tensor, out: Callable | None, inplace
     residual (plus the bias) is the matmul's starting value (`addmm_`, beta = 1), so there is no separate (B, N, D)
     output of the layer and no second pass to add it. `inplace=True` writes into `res` itself (only for a tensor that
     nobody else holds). Any other `out` (a quantized or adapted layer, hooks, another dtype) is called as usual.
-    `out` may also be an `Affine` (a weight and a folded bias from `SoftmaxAttention.forward_split`). Inference only
-    (no autograd): tests/test_fast_paths.py checks it equal to the plain sum."""
+    `out` may also be an `Affine` (a weight and a folded bias from `SoftmaxAttention.forward_split`). In training
+    only out of place; tests/test_fast_paths.py checks values and gradients equal to the plain sum."""
     from formers.nn.attention import Affine
     from formers.nn.hooks import forward_unpatched, hook_free
 
@@ -61,18 +61,26 @@ def add_matmul(res: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Ten
                inplace: bool = False) -> torch.Tensor:
     """`res + F.linear(y, w, b)` as `(res + b) += y w^T` in one matmul (`linear_add`; `LM.generate`'s decoding step
     uses it too, so that both give the same bits). res (..., out), y (..., in), w (out, in); `inplace` writes into
-    res (contiguous). Where that cannot hold the bits of `F.linear` (other dtypes, autocast, shapes that need
-    broadcasting, a non-contiguous res to write into) it is `res + F.linear(y, w, b)`."""
+    res (contiguous; inference only). Out of place it also trains: the add and the matmul are ops autograd knows
+    (the matmul in place on the fresh sum, which no backward formula needs). Where that cannot hold the bits of
+    `F.linear` (other dtypes, autocast, shapes that need broadcasting, a non-contiguous res to write into) it is
+    `res + F.linear(y, w, b)`."""
     if (not (res.dtype == y.dtype == w.dtype) or torch.is_autocast_enabled(res.device.type)
             or res.shape[:-1] != y.shape[:-1] or res.shape[-1] != w.shape[0] or (inplace and not res.is_contiguous())):
         u = F.linear(y, w, b)
         return res.add_(u) if inplace else res + u
+    y2 = y.reshape(-1, w.shape[1])
     if inplace:
-        acc = res if b is None else res.add_(b)
-    else:
-        acc = (res + b if b is not None else res.clone()).contiguous()
-    acc.view(-1, w.shape[0]).addmm_(y.reshape(-1, w.shape[1]), w.t())
-    return acc
+        acc = res.view(-1, w.shape[0])
+        if b is not None:
+            acc.add_(b)
+        acc.addmm_(y2, w.t())
+        return res
+    # out of place, also under autograd: the accumulator is a fresh 2-D tensor (an in-place op on a view would make
+    # autograd copy the gradient back through the base in the backward pass)
+    r2 = res.reshape(-1, w.shape[0])
+    acc = torch.addmm(r2, y2, w.t()) if b is None else (r2 + b).addmm_(y2, w.t())
+    return acc.view(res.shape)
 
 
 # --------------------------------------------------------------------------------------------------- placement
@@ -103,7 +111,7 @@ class PreNorm(Placement):
         self.norm = norm()
 
     def forward(self, x, **kw):
-        if self._fuses_residual():  # inference: the sublayer's last linear layer adds into the stream
+        if self._fuses_residual():  # the sublayer's last linear layer adds into the stream (also when training)
             y, out = self.fn.forward_split(self.norm(x), **kw)
             return linear_add(x, y, out)
         return self.residual(x, self._drop(self.fn(self.norm(x), **kw)))
@@ -114,22 +122,23 @@ class PreNorm(Placement):
         of this sublayer may have a hook or a replaced forward (it could keep x, which is then overwritten)."""
         # every module, not only those the fused path skips: the norm sees x itself, and so does the sublayer where
         # the norm is an identity
-        if x.is_contiguous() and self._fuses_residual(list(self.modules())):
+        if not torch.is_grad_enabled() and x.is_contiguous() and self._fuses_residual(list(self.modules())):
             y, out = self.fn.forward_split(self.norm(x), **kw)
             return linear_add(x, y, out, inplace=True)
         return self(x, **kw)
 
     def _fuses_residual(self, mods: list[nn.Module] | None = None) -> bool:
-        """Whether the fused inference path may run: no autograd; this class's own forward; a plain add residual;
-        no active dropout; a sublayer whose `forward_split` (`forward` stopped before its last linear layer, same
-        defining class as its `forward`) says what that layer is; no hooks or replaced forwards on `mods` (default:
-        the modules the fused path does not call)."""
+        """Whether the fused path may run: this class's own forward; a plain add residual; no active dropout; a
+        sublayer whose `forward_split` (`forward` stopped before its last linear layer, same defining class as its
+        `forward`) says what that layer is; no hooks or replaced forwards on `mods` (default: the modules the fused
+        path does not call). With autograd it computes out of place (`add_matmul`), so a module's saved tensors
+        stay intact."""
         from formers.nn.hooks import forward_unpatched, hook_free, idle_dropout
 
         mods = mods or [self.fn, self.residual, self.drop]
-        return (not torch.is_grad_enabled() and type(self).forward is PreNorm.forward
-                and type(self.residual) is AddResidual and (not self.drop.p or idle_dropout(self.drop))
-                and _splits(type(self.fn)) and hook_free(*mods) and forward_unpatched(*mods))
+        return (type(self).forward is PreNorm.forward and type(self.residual) is AddResidual
+                and (not self.drop.p or idle_dropout(self.drop)) and _splits(type(self.fn)) and hook_free(*mods)
+                and forward_unpatched(*mods))
 
 
 @functools.cache

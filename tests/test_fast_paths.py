@@ -8,6 +8,8 @@
   token, and the cached logits equal a full forward of the final sequence.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -599,10 +601,21 @@ def _naive_block(b, x):
     return z + torch.nn.functional.gelu(h @ f.fc1.weight.T + f.fc1.bias) @ f.fc2.weight.T + f.fc2.bias
 
 
+def _plain(fn, *args):
+    """fn(*args) with autograd on and the fused residual switched off on every PreNorm: the plain path (each
+    sublayer's module output, then `x + u`)."""
+    from unittest import mock
+
+    from formers.blocks import PreNorm
+
+    with mock.patch.object(PreNorm, "_fuses_residual", lambda self, mods=None: False):
+        return fn(*args).detach()
+
+
 def test_fused_residual_block_equals_naive_block_and_leaves_input_alone(monkeypatch):
     """Without autograd, a Pre-LN block adds its attention output projection and fc2 straight into the stream
     (`linear_add`; fc2 into the attention sublayer's fresh output): equal to the block's formulas written here and
-    to the autograd (plain) path; the caller's input is not written into; both sublayers took the fused path."""
+    to the plain path; the caller's input is not written into; both sublayers took the fused path."""
     from formers import blocks
 
     b = _block({"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2, "bias": True}, "ffn": {"name": "mlp"},
@@ -617,7 +630,7 @@ def test_fused_residual_block_equals_naive_block_and_leaves_input_alone(monkeypa
     assert len(calls) == 2  # the attention projection, then fc2
     assert torch.equal(x, x0)
     torch.testing.assert_close(y, _naive_block(b, x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(y, b(x).detach(), atol=1e-6, rtol=1e-6)  # autograd on: the plain path
+    torch.testing.assert_close(y, _plain(b, x), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("spec", [
@@ -629,14 +642,14 @@ def test_fused_residual_block_equals_naive_block_and_leaves_input_alone(monkeypa
     {"placement": "lns"}, {"placement": "peri"}, {"residual": "gru_gate"},
 ])
 def test_fused_residual_other_blocks_equal_plain_path(spec):
-    """Other blocks give the autograd (plain) path's output under no_grad, fused where their parts allow it."""
+    """Other blocks give the plain path's output under no_grad, fused where their parts allow it."""
     spec = dict(spec)
     causal = spec.pop("causal", False)
     b = _block(spec, causal=causal)
     x = torch.randn(2, 9, 24)
     with torch.no_grad():
         y = b(x)
-    torch.testing.assert_close(y, b(x).detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y, _plain(b, x), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("why", ["out_hook", "fc2_hook", "ffn_hook", "attn_hook", "patched_fc2", "adapted_out",
@@ -645,7 +658,7 @@ def test_fused_residual_is_off_where_it_would_differ(why):
     """A hook on the output projection or fc2 sees their output; a hook on the feed-forward sublayer sees an input,
     and one on the attention sublayer an output, that nothing writes into afterwards; a forward replaced on fc2,
     an output projection of another type (an adapter), active dropout and a mixer subclass with its own forward
-    (not described by the inherited forward_split) are honoured: each equals the autograd path."""
+    (not described by the inherited forward_split) are honoured: each equals the plain path."""
     from formers.nn.attention import SoftmaxAttention
 
     torch.manual_seed(0)
@@ -681,26 +694,107 @@ def test_fused_residual_is_off_where_it_would_differ(why):
         y = b(x)
     assert len(seen) == (1 if why.endswith("hook") else 0)
     torch.manual_seed(1)
-    ref = b(x).detach()  # autograd on: the plain path, which writes into nothing
+    ref = _plain(b, x)  # the plain path, which writes into nothing
     torch.testing.assert_close(y, ref, atol=1e-6, rtol=1e-6)
     if why.endswith("hook"):  # what the hook got under no_grad was that tensor, and nothing overwrote it later
         torch.testing.assert_close(seen[0], seen[1].detach(), atol=1e-6, rtol=1e-6)
 
 
 def test_fused_residual_models_equal_autograd_path():
-    """Whole models in evaluation: LM logits, encoder outputs (padded with a key mask, and packed) and ViT logits
-    under no_grad equal their autograd-path values."""
+    """Whole models in evaluation: LM logits and ViT logits under no_grad equal their plain-path values."""
     torch.manual_seed(0)
     lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).eval()
     ids = torch.randint(0, 40, (2, 12))
     with torch.no_grad():
         a = lm(ids)
-    torch.testing.assert_close(a, lm(ids).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, _plain(lm, ids), atol=1e-5, rtol=1e-5)
     vit = _vit()
     img = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         a = vit.forward_head(vit.forward_features(img))
-    torch.testing.assert_close(a, vit.forward_head(vit.forward_features(img)).detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a, _plain(lambda t: vit.forward_head(vit.forward_features(t)), img), atol=1e-5,
+                               rtol=1e-5)
+
+
+def test_fused_residual_trains_like_the_plain_path(monkeypatch):
+    """In training (autograd on, no active dropout) each Pre-LN sublayer's last linear layer adds into the stream out
+    of place, `(x + b) += y W^T`: the output, the input gradient and every parameter gradient equal the block's
+    formulas written here and the plain path (float64); both sublayers took the fused path; a second-order gradient
+    (a gradient penalty on the input) equals the plain path's; with dropout active the block does not fuse."""
+    from unittest import mock
+
+    from formers import blocks
+
+    b = _block({"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2, "bias": True}, "ffn": {"name": "mlp"}})
+    b = b.double().train()
+    x = torch.randn(3, 11, 24, dtype=torch.float64)
+    calls = []
+    real = blocks.add_matmul
+    monkeypatch.setattr(blocks, "add_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y, gx, gp = grads(b, x, b)
+    assert len(calls) == 2  # the attention projection, then fc2
+    off = mock.patch.object(blocks.PreNorm, "_fuses_residual", lambda self, mods=None: False)
+    with off:
+        plain = grads(b, x, b)
+    naive = grads(b, x, lambda t: _naive_block(b, t))
+    for ref in (plain, naive):
+        torch.testing.assert_close(y, ref[0], atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(gx, ref[1], atol=1e-10, rtol=1e-10)
+        for n in gp:
+            torch.testing.assert_close(gp[n], ref[2][n], atol=1e-10, rtol=1e-10, msg=n)
+
+    # torch has no double backward of its flash kernel: the second-order check uses the explicit softmax
+    b = _block({"mixer": {"name": "softmax", "heads": 4, "bias": True, "explicit": True}}).double().train()
+
+    def penalty():  # d/dtheta |d<y, w>/dx|^2
+        b.zero_grad()
+        t = x.clone().requires_grad_(True)
+        out = b(t)
+        (g,) = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum(),
+                                   t, create_graph=True)
+        (g ** 2).sum().backward()
+        return {n: p.grad for n, p in b.named_parameters() if p.grad is not None}  # biases after x have none
+
+    calls.clear()
+    second = penalty()
+    assert len(calls) == 2
+    with off:
+        second_plain = penalty()
+    assert second.keys() == second_plain.keys() and len(second) > 10
+    for n in second:
+        torch.testing.assert_close(second[n], second_plain[n], atol=1e-10, rtol=1e-10, msg=n)
+
+    d = _block({"dropout": 0.5}).train()
+    calls.clear()
+    d(torch.randn(2, 9, 24)).sum().backward()
+    assert calls == []
+
+
+def test_fused_residual_lm_training_step_equals_plain_path():
+    """A whole LM training step (cross-entropy, backward, AdamW) through the fused residual gives the plain path's
+    loss, gradients and updated weights."""
+    from unittest import mock
+
+    from formers.blocks import PreNorm
+
+    def step(fused):
+        torch.manual_seed(0)
+        lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).double().train()
+        opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+        ids = torch.randint(0, 40, (2, 13))
+        patch = mock.patch.object(PreNorm, "_fuses_residual", lambda self, mods=None: False)
+        with patch if not fused else contextlib.nullcontext():
+            loss = torch.nn.functional.cross_entropy(lm(ids[:, :-1]).reshape(-1, 40), ids[:, 1:].reshape(-1))
+            loss.backward()
+        g = {n: p.grad.clone() for n, p in lm.named_parameters()}
+        opt.step()
+        return loss.item(), g, {n: p.detach().clone() for n, p in lm.named_parameters()}
+
+    (l1, g1, w1), (l2, g2, w2) = step(True), step(False)
+    assert abs(l1 - l2) < 1e-12
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-10, rtol=1e-10, msg=n)
+        torch.testing.assert_close(w1[n], w2[n], atol=1e-10, rtol=1e-10, msg=n)
 
 
 def test_add_into_on_a_placement_with_its_own_forward_calls_it():
@@ -823,4 +917,4 @@ def test_add_into_leaves_tensors_held_by_hooks_alone(where):
     with torch.no_grad():
         y = b(x)
     assert torch.equal(kept[0], at_hook[0])
-    torch.testing.assert_close(y, b(x).detach(), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y, _plain(b, x), atol=1e-6, rtol=1e-6)
