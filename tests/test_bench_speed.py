@@ -144,3 +144,33 @@ def test_table_says_met_from_the_unrounded_ratio():
     assert "1.10x" in line and ">= 1.1x, not met" in line
     line = speed.table({"rows": [dict(row, ratio=1.1)]}).splitlines()[-1]
     assert ">= 1.1x, met" in line
+
+
+def test_ratio_interval_is_a_paired_bootstrap_of_the_ratio_of_medians():
+    """The 90% interval: exact for a constant ratio; around the ratio of medians; close to a naive paired bootstrap
+    written here (Python's random, statistics.median); narrower with more repetitions."""
+    import random
+    import statistics
+
+    assert speed.ratio_ci([1.0, 2.0, 3.0, 4.0], [2.0, 4.0, 6.0, 8.0]) == [2.0, 2.0]
+    g = random.Random(1)
+    ours = [1.0 + g.random() * 0.4 for _ in range(31)]
+    peer = [t * 1.1 + g.random() * 0.3 for t in ours]
+    lo, hi = speed.ratio_ci(ours, peer)
+    point = statistics.median(peer) / statistics.median(ours)
+    assert lo < point < hi and hi - lo > 0.02
+    rs = []
+    for _ in range(4000):
+        i = [g.randrange(31) for _ in range(31)]
+        rs.append(statistics.median(peer[j] for j in i) / statistics.median(ours[j] for j in i))
+    rs.sort()
+    assert abs(rs[int(0.05 * 3999)] - lo) < 0.02 and abs(rs[int(0.95 * 3999)] - hi) < 0.02
+    many = [1.0 + g.random() * 0.4 for _ in range(401)]
+    lo2, hi2 = speed.ratio_ci(many, [t * 1.1 + g.random() * 0.3 for t in many])
+    assert hi2 - lo2 < (hi - lo) / 2
+
+
+def test_table_shows_the_ratio_interval():
+    row = {"row": "vit_forward", "peer": "HF ViT", "formers_images_per_s": 52.0, "peer_images_per_s": 50.0,
+           "ratio": 1.04, "ratio_ci90": [0.97, 1.12]}
+    assert "1.04x (0.97-1.12)" in speed.table({"rows": [row]}).splitlines()[-1]

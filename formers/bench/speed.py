@@ -219,7 +219,22 @@ def _summary(times: dict[str, list[float]], work: float, unit: str, faults: dict
         if faults:
             out[f"{side}_page_faults"] = round(statistics.median(faults[side]) / per, 1)
     out["ratio"] = round(out[f"formers_{unit}"] / out[f"peer_{unit}"], 3)
+    if len(times["formers"]) >= 3:
+        out["ratio_ci90"] = ratio_ci(times["formers"], times["peer"])
     return out
+
+
+def ratio_ci(ours: list[float], peer: list[float], level: float = 0.9, resamples: int = 2000,
+             seed: int = 0) -> list[float]:
+    """How far the ratio (median peer time / median formers time) moves with the machine's noise: the central
+    `level` interval of a paired bootstrap, repetitions drawn with replacement and kept in their interleaved pairs
+    (both sides of a repetition saw the same machine). On a shared machine that is often +-5% and more at 31
+    repetitions; a ratio near its target means little without it."""
+    a, b = torch.tensor(ours, dtype=torch.float64), torch.tensor(peer, dtype=torch.float64)
+    idx = torch.randint(0, len(a), (resamples, len(a)), generator=torch.Generator().manual_seed(seed))
+    r = (b[idx].quantile(0.5, dim=1) / a[idx].quantile(0.5, dim=1)).sort().values  # medians as statistics.median
+    lo, hi = int((1 - level) / 2 * (resamples - 1)), int((1 + level) / 2 * (resamples - 1))
+    return [round(r[lo].item(), 3), round(r[hi].item(), 3)]
 
 
 def row_lm_train(reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
@@ -468,7 +483,8 @@ def _target_cell(r: dict, t: float | None) -> str:
 
 def table(res: dict) -> str:
     """Markdown table of the rows with the issue's targets."""
-    lines = ["| row | peer | formers | peer | ratio | target | MFU formers / peer | page faults formers / peer |",
+    lines = ["| row | peer | formers | peer | ratio (90% CI) | target | MFU formers / peer "
+             "| page faults formers / peer |",
              "|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in res["rows"]:
         unit = "images_per_s" if "formers_images_per_s" in r else "tokens_per_s"
@@ -481,6 +497,8 @@ def table(res: dict) -> str:
             (f"{r['formers_mfu']:.1%}" if "formers_mfu" in r else "")
         p = f"{r[f'peer_{unit}']:,.0f} {short}" if f"peer_{unit}" in r else "-"
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else "-"
+        if "ratio_ci90" in r:
+            ratio += " ({:.2f}-{:.2f})".format(*r["ratio_ci90"])
         faults = (f"{r['formers_page_faults']:,.0f} / {r['peer_page_faults']:,.0f}"
                   if "peer_page_faults" in r else "")
         lines.append(f"| {r['row'] if r['row'] != 'recipe' else r['recipe']} | {peer} | "
@@ -498,8 +516,9 @@ def readme_section(res: dict) -> str:
     return "\n".join([
         f"Measured by `{m['command']}` on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date'][:10]} "
         f"(matmul peak {m['peak_mm_gflops']} GFLOP/s; every figure is a median of {m['reps']} interleaved "
-        "repetitions in one process, both sides eager; page faults: minor faults per call, per step for the LM "
-        "rows):",
+        "repetitions in one process, both sides eager; the ratio's 90% interval is a paired bootstrap over the "
+        "repetitions, how far this machine's noise moves it; page faults: minor faults per call, per step for the "
+        "LM rows):",
         "",
         table(res),
     ])
