@@ -202,8 +202,8 @@ class SoftmaxAttention(nn.Module):
                       seqlens: torch.Tensor | None = None, **unused) -> tuple[torch.Tensor, nn.Module | Affine]:
         """`forward` stopped before the output projection: (y, out) with `self(x, ...) == out(y)`, y the merged
         heads (B, N, H*Dh) and out `self.out` (an `Affine` with its weight when inference folds the value bias into
-        its bias, `_folds_kv_bias`). A Pre-LN block uses it in inference to add the projection straight into its
-        residual stream (`PreNorm`, `linear_add`)."""
+        its bias, `_folds_kv_bias`). A Pre-LN block uses it to add the projection straight into its residual
+        stream (`PreNorm`, `linear_add`; in training too)."""
         if seqlens is not None:  # packed variable-length batch (P37): attention per sequence, formers/nn/packed.py
             from formers.nn.packed import packed_self_attention
             return packed_self_attention(self, x, seqlens, mask=mask, positions=positions, cache=cache,

@@ -40,8 +40,8 @@ class MLP(nn.Module):
 
     def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module | None]:
         """`forward` stopped before fc2: (h, fc2) with `self(x) == fc2(h)`, h the hidden activations; (result,
-        None) when output dropout is active. A Pre-LN block uses it in inference to add fc2 straight into its
-        residual stream (`PreNorm`, `linear_add`)."""
+        None) when output dropout is active. A Pre-LN block uses it to add fc2 straight into its residual stream
+        (`PreNorm`, `linear_add`; in training too)."""
         if self._gelu_in_place():  # inference fast path, tests/test_fast_paths.py
             h = F.linear(x, self.fc1.weight, self.fc1.bias)
             if h.numel() >= IN_PLACE_MIN:
