@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from formers.nn.attention import Affine, SoftmaxAttention
+from formers.nn.hooks import forward_unpatched, hook_free, idle_dropout
 from formers.registry import FormersError, _hint, build, get, register, split_spec
 
 # ---------------------------------------------------------------------------------------------------- residual
@@ -46,9 +48,6 @@ def linear_add(res: torch.Tensor, y: torch.Tensor, out: Callable | None, inplace
     nobody else holds). Any other `out` (a quantized or adapted layer, hooks, another dtype) is called as usual.
     `out` may also be an `Affine` (a weight and a folded bias from `SoftmaxAttention.forward_split`). In training
     only out of place; tests/test_fast_paths.py checks values and gradients equal to the plain sum."""
-    from formers.nn.attention import Affine
-    from formers.nn.hooks import forward_unpatched, hook_free
-
     if out is None:
         return res.add_(y) if inplace else res + y
     if not (type(out) is Affine or (type(out) is nn.Linear and hook_free(out) and forward_unpatched(out))):
@@ -133,8 +132,6 @@ class PreNorm(Placement):
         `forward`) says what that layer is; no hooks or replaced forwards on `mods` (default: the modules the fused
         path does not call). With autograd it computes out of place (`add_matmul`), so a module's saved tensors
         stay intact."""
-        from formers.nn.hooks import forward_unpatched, hook_free, idle_dropout
-
         mods = mods or [self.fn, self.residual, self.drop]
         return (type(self).forward is PreNorm.forward and type(self.residual) is AddResidual
                 and (not self.drop.p or idle_dropout(self.drop)) and _splits(type(self.fn)) and hook_free(*mods)
@@ -265,8 +262,6 @@ class Block(nn.Module):
         """The token-mixer sublayer returns a tensor nobody else holds (a plain Pre-LN add: `x + u` or the fused
         `linear_add`, no hooks that could keep or replace it) and the feed-forward sublayer is a Pre-LN one that
         can write into it (`PreNorm.add_into`)."""
-        from formers.nn.hooks import forward_unpatched, hook_free
-
         a = self.attn
         return (not torch.is_grad_enabled() and type(a) is PreNorm and type(self.ffn) is PreNorm
                 and type(a.residual) is AddResidual and hook_free(a, a.residual) and forward_unpatched(a, a.residual))
@@ -289,9 +284,6 @@ class Block(nn.Module):
         and residuals whose class declares `row_wise` (row i of the output depends on row i of the input only); no
         module hooks and no `forward` replaced on an instance anywhere in the block, since the prefix path does not
         call every submodule."""
-        from formers.nn.attention import SoftmaxAttention  # formers.nn imports this module
-        from formers.nn.hooks import forward_unpatched, hook_free
-
         mods = list(self.modules())
         if any(m.training for m in mods) or type(self.attn) is not PreNorm or not forward_unpatched(*mods):
             return False
@@ -389,8 +381,6 @@ class PlainStack(Stack):
     def prefix_ok(self) -> bool:
         """Whether `forward_prefix` may run: the last block is a formers Block that allows it
         (`Block.prefix_ok`) and the stack itself has no hooks or replaced forward."""
-        from formers.nn.hooks import forward_unpatched, hook_free
-
         last = self.blocks[-1] if len(self.blocks) else None
         return type(last) is Block and last.prefix_ok() and hook_free(self) and forward_unpatched(self)
 

@@ -10,10 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.blocks import add_matmul
+from formers.blocks import AddResidual, Block, PlainStack, PreNorm, _splits, add_matmul, linear_add
 from formers.models.base import SequenceModel
-from formers.nn.attention import KVCache, _sdpa
-from formers.nn.hooks import clear_aux
+from formers.nn.attention import KVCache, SoftmaxAttention, _sdpa
+from formers.nn.ffn import MLP
+from formers.nn.hooks import clear_aux, forward_unpatched, hook_free
+from formers.nn.norm import RMSNorm
 from formers.registry import FormersError, register
 
 
@@ -156,8 +158,6 @@ class LM(SequenceModel):
 
 def _norm_fn(m: nn.Module):
     """x -> norm(x) for one norm module: LayerNorm / formers RMSNorm inlined, anything else called."""
-    from formers.nn.norm import RMSNorm
-
     if isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward:
         shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
         return lambda x: F.layer_norm(x, shape, w, b, eps)
@@ -171,9 +171,6 @@ def _ffn_add(m: nn.Module):
     """(h, x) -> x + ffn(h), written into x, as `PreNorm.add_into` computes it (the same ops, so the same bits): the
     MLP with a plain GELU inlined (its out-of-place GELU, as for one token), a feed-forward with `forward_split`
     through it, anything else called."""
-    from formers.blocks import _splits, linear_add
-    from formers.nn.ffn import MLP
-
     if (type(m) is MLP and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear and isinstance(m.act, nn.GELU)
             and type(m.act).forward is nn.GELU.forward):
         w1, b1, w2, b2, approximate = m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act.approximate
@@ -191,9 +188,6 @@ def decode_plan(model: LM) -> list[tuple] | None:
     stack or the model is not the standard kind, a module is in training mode, has a hook or a `forward` replaced on
     the instance, or a module whose weights are read directly (embedding, q, kv, out, inlined norms and MLPs) is a
     subclass (then generation calls the modules)."""
-    from formers.blocks import AddResidual, Block, PlainStack, PreNorm
-    from formers.nn.attention import SoftmaxAttention
-    from formers.nn.hooks import forward_unpatched, hook_free
 
     cls, mods = type(model), list(model.modules())
     if (any(m.training for m in mods) or type(model.stack) is not PlainStack or type(model.embed) is not nn.Embedding

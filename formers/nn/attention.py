@@ -293,7 +293,8 @@ class SoftmaxAttention(nn.Module):
         """Self-attention q (B, H, N, Dh), k, v (B, Hkv, N, Dh), equal to `project` (the tests compare values and
         gradients). With autograd recording (training) one matmul with the stacked weight [W_q; W_kv]
         ((H + 2 Hkv) Dh, D); without (decoding, evaluation) two, since stacking copies the weights on every call,
-        as much memory traffic as the matmul itself when a single token is decoded."""
+        as much memory traffic as the matmul itself when a single token is decoded. `kv_bias=False` leaves the
+        key/value bias out; only inference asks for that (`_folds_kv_bias` adds it back after the attention)."""
         B, N, _ = x.shape
         H, Hkv, Dh = self.heads, self.kv_heads, self.head_dim
         wq, bq, wkv, bkv = self.q.weight, self.q.bias, self.kv.weight, self.kv.bias
