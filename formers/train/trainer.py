@@ -378,6 +378,12 @@ class Trainer:
             plot_metrics(metrics_path, self.run_dir / "loss.png", task.metric)
             self._summary(result, sample)
         result["sample"] = sample
+        # The ranks leave together. Without this barrier, a rank could drop its process group just after its last
+        # broadcast, while a gloo worker thread is still freeing that broadcast's tensors. Freeing a tensor made in
+        # Python needs the GIL, and torch 2.13's ~ProcessGroupGloo joins that thread while holding the GIL: the
+        # rank hangs after training (seen 2 times in 26 two-rank compiled runs, as a 600 s CI timeout). While a
+        # rank waits here, its GIL is free: the worker thread finishes, and a barrier frees no Python tensors.
+        distributed.barrier(dist)
         return result
 
     def _evaluates(self) -> bool:
