@@ -138,13 +138,20 @@ class PreNorm(Placement):
                 and forward_unpatched(*mods))
 
 
-@functools.cache
 def _splits(cls: type) -> bool:
     """The class's `forward_split` and `forward` come from the same class (a subclass that replaces `forward`
     alone would not be described by the inherited `forward_split`). Cached per class: it runs on every sublayer
-    call in inference."""
+    call in inference. Under torch.compile the answer is worked out at trace time, once per graph, without the
+    cache (dynamo warns about every functools cache it traces through)."""
+    return _splits_of(cls) if torch.compiler.is_compiling() else _splits_cached(cls)
+
+
+def _splits_of(cls: type) -> bool:
     owner = _defined_in(cls, "forward_split")
     return owner is not None and owner is _defined_in(cls, "forward")
+
+
+_splits_cached = functools.cache(_splits_of)
 
 
 def _defined_in(cls: type, name: str) -> type | None:
