@@ -601,30 +601,41 @@ def _naive_block(b, x):
     return z + torch.nn.functional.gelu(h @ f.fc1.weight.T + f.fc1.bias) @ f.fc2.weight.T + f.fc2.bias
 
 
-def _plain(fn, *args):
-    """fn(*args) with autograd on and the fused residual switched off on every PreNorm: the plain path (each
-    sublayer's module output, then `x + u`)."""
+def _fusion_off():
+    """The fused residual switched off on every PreNorm: the plain path (each sublayer's module output, then
+    `x + u`)."""
     from unittest import mock
 
     from formers.blocks import PreNorm
 
-    with mock.patch.object(PreNorm, "_fuses_residual", lambda self, mods=None: False):
+    return mock.patch.object(PreNorm, "_fuses_residual", lambda self, mods=None: False)
+
+
+def _plain(fn, *args):
+    """fn(*args) with autograd on and the fused residual switched off: the plain path."""
+    with _fusion_off():
         return fn(*args).detach()
+
+
+def _count_add_matmul(monkeypatch) -> list:
+    """A list that grows by one at each call of the fused residual's matmul (`blocks.add_matmul`)."""
+    from formers import blocks
+
+    calls = []
+    real = blocks.add_matmul
+    monkeypatch.setattr(blocks, "add_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
 
 
 def test_fused_residual_block_equals_naive_block_and_leaves_input_alone(monkeypatch):
     """Without autograd, a Pre-LN block adds its attention output projection and fc2 straight into the stream
     (`linear_add`; fc2 into the attention sublayer's fresh output): equal to the block's formulas written here and
     to the plain path; the caller's input is not written into; both sublayers took the fused path."""
-    from formers import blocks
-
     b = _block({"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2, "bias": True}, "ffn": {"name": "mlp"},
                 "dropout": 0.1})  # dropout is the identity in evaluation
     x = torch.randn(3, 11, 24)
     x0 = x.clone()
-    calls = []
-    real = blocks.add_matmul
-    monkeypatch.setattr(blocks, "add_matmul", lambda *a, **k: calls.append(k.get("inplace", a[4:5])) or real(*a, **k))
+    calls = _count_add_matmul(monkeypatch)
     with torch.no_grad():
         y = b(x)
     assert len(calls) == 2  # the attention projection, then fc2
@@ -700,7 +711,7 @@ def test_fused_residual_is_off_where_it_would_differ(why):
         torch.testing.assert_close(seen[0], seen[1].detach(), atol=1e-6, rtol=1e-6)
 
 
-def test_fused_residual_models_equal_autograd_path():
+def test_fused_residual_models_equal_plain_path():
     """Whole models in evaluation: LM logits and ViT logits under no_grad equal their plain-path values."""
     torch.manual_seed(0)
     lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).eval()
@@ -721,20 +732,13 @@ def test_fused_residual_trains_like_the_plain_path(monkeypatch):
     of place, `(x + b) += y W^T`: the output, the input gradient and every parameter gradient equal the block's
     formulas written here and the plain path (float64); both sublayers took the fused path; a second-order gradient
     (a gradient penalty on the input) equals the plain path's; with dropout active the block does not fuse."""
-    from unittest import mock
-
-    from formers import blocks
-
     b = _block({"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2, "bias": True}, "ffn": {"name": "mlp"}})
     b = b.double().train()
     x = torch.randn(3, 11, 24, dtype=torch.float64)
-    calls = []
-    real = blocks.add_matmul
-    monkeypatch.setattr(blocks, "add_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_add_matmul(monkeypatch)
     y, gx, gp = grads(b, x, b)
     assert len(calls) == 2  # the attention projection, then fc2
-    off = mock.patch.object(blocks.PreNorm, "_fuses_residual", lambda self, mods=None: False)
-    with off:
+    with _fusion_off():
         plain = grads(b, x, b)
     naive = grads(b, x, lambda t: _naive_block(b, t))
     for ref in (plain, naive):
@@ -758,7 +762,7 @@ def test_fused_residual_trains_like_the_plain_path(monkeypatch):
     calls.clear()
     second = penalty()
     assert len(calls) == 2
-    with off:
+    with _fusion_off():
         second_plain = penalty()
     assert second.keys() == second_plain.keys() and len(second) > 10
     for n in second:
@@ -773,22 +777,14 @@ def test_fused_residual_trains_like_the_plain_path(monkeypatch):
 def test_fused_residual_lm_training_step_equals_plain_path(monkeypatch):
     """A whole LM training step (cross-entropy, backward, AdamW) through the fused residual (both sublayers of both
     blocks took it) gives the plain path's loss, gradients and updated weights."""
-    from unittest import mock
-
-    from formers import blocks
-    from formers.blocks import PreNorm
-
-    calls = []
-    real = blocks.add_matmul
-    monkeypatch.setattr(blocks, "add_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = _count_add_matmul(monkeypatch)
 
     def step(fused):
         torch.manual_seed(0)
         lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).double().train()
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
         ids = torch.randint(0, 40, (2, 13))
-        patch = mock.patch.object(PreNorm, "_fuses_residual", lambda self, mods=None: False)
-        with patch if not fused else contextlib.nullcontext():
+        with contextlib.nullcontext() if fused else _fusion_off():
             loss = torch.nn.functional.cross_entropy(lm(ids[:, :-1]).reshape(-1, 40), ids[:, 1:].reshape(-1))
             loss.backward()
         g = {n: p.grad.clone() for n, p in lm.named_parameters()}

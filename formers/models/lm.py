@@ -188,7 +188,6 @@ def decode_plan(model: LM) -> list[tuple] | None:
     stack or the model is not the standard kind, a module is in training mode, has a hook or a `forward` replaced on
     the instance, or a module whose weights are read directly (embedding, q, kv, out, inlined norms and MLPs) is a
     subclass (then generation calls the modules)."""
-
     cls, mods = type(model), list(model.modules())
     if (any(m.training for m in mods) or type(model.stack) is not PlainStack or type(model.embed) is not nn.Embedding
             or model._relative_positions() is not None or not hook_free(*mods) or not forward_unpatched(*mods)
