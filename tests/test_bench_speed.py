@@ -54,6 +54,105 @@ def test_same_model_as_x_transformers_by_parameter_count():
     assert speed.n_params(speed.formers_lm()) == speed.n_params(speed.xt_lm()) == 3_349_760
 
 
+def _perturb(model: torch.nn.Module) -> None:
+    with torch.no_grad():  # norms start at 1 and biases at 0: move every weight so that the whole map is exercised
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+
+
+@pytest.mark.parametrize("flash", [False, True])
+def test_formers_weights_make_x_transformers_the_same_model(flash):
+    pytest.importorskip("x_transformers")
+    torch.manual_seed(0)
+    ours, peer = speed.formers_lm(), speed.xt_lm(flash=flash)
+    _perturb(ours)
+    assert speed.same_as_xt(ours, peer, "test") <= 1e-5
+    x = torch.randint(0, speed.VOCAB, (2, speed.SEQ), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a second batch, at full length
+        torch.testing.assert_close(ours.eval()(x), peer.eval()(x), rtol=0, atol=1e-5)
+    # a wrong map is caught: swap one layer's k and v in the peer
+    a = peer.attn_layers.layers[2][1]
+    with torch.no_grad():
+        k = a.to_k.weight.clone()
+        a.to_k.weight.copy_(a.to_v.weight), a.to_v.weight.copy_(k)
+        ours.eval(), peer.eval()
+        with pytest.raises(FormersError, match="not compare the same model"):
+            speed.check_equal(ours(x), peer(x), "swapped")
+
+
+def _lm(**block):
+    spec = {"placement": "pre", "norm": {"name": "layernorm", "bias": False}, "mixer": {"name": "softmax", "heads": 4},
+            "ffn": {"name": "mlp", "act": "gelu", "mult": 4}}
+    spec.update(block)
+    return spec
+
+
+MAPPED = {  # formers LM configs that x-transformers' Decoder can express
+    "layernorm_gelu_headdim16": dict(block=_lm()),
+    "rmsnorm_swiglu_nopos_tied": dict(position="none", tie_embeddings=True,
+                                      block=_lm(norm="rmsnorm", mixer={"name": "softmax", "heads": 2},
+                                                ffn={"name": "glu", "act": "silu", "mult": 4, "bias": True})),
+    "rmsnorm_geglu": dict(block=_lm(norm="rmsnorm", ffn={"name": "glu", "act": "gelu", "mult": 2, "bias": True})),
+    "squared_relu_no_bias": dict(block=_lm(ffn={"name": "mlp", "act": "squared_relu", "mult": 3, "bias": False})),
+}
+
+
+@pytest.mark.parametrize("name", list(MAPPED))
+def test_recipe_models_map_onto_x_transformers_with_equal_logits(name):
+    pytest.importorskip("x_transformers")
+    import formers
+
+    torch.manual_seed(0)
+    ours = formers.create_model("lm", vocab=97, dim=64, depth=2, max_len=48, **MAPPED[name])
+    _perturb(ours)
+    peer, why = speed.xt_peer_of(ours)
+    assert peer is not None, why
+    assert speed.n_params(peer) == speed.n_params(ours)
+    assert speed.same_as_xt(ours, peer, name, seq=48) <= 1e-5
+
+
+NOT_MAPPED = {  # config -> what the reason must name
+    "layernorm_with_bias": (dict(block=_lm(norm="layernorm")), "bias: false"),
+    "rope": (dict(position="rope", block=_lm()), "positions"),
+    "grouped_kv": (dict(block=_lm(mixer={"name": "softmax", "heads": 4, "kv_heads": 2})), "grouped kv heads"),
+    "post_ln": (dict(block=_lm(placement="post")), "placement"),
+    "relu_mlp": (dict(block=_lm(ffn={"name": "mlp", "act": "relu"})), "activation"),
+    "glu_without_bias": (dict(block=_lm(ffn={"name": "glu", "act": "silu"})), "bias: true"),
+    "primer_mdha": (dict(block=_lm(mixer={"name": "mdha", "heads": 4})), "mixer"),
+}
+
+
+@pytest.mark.parametrize("name", list(NOT_MAPPED))
+def test_models_without_an_x_transformers_counterpart_say_why(name):
+    pytest.importorskip("x_transformers")
+    import formers
+
+    cfg, needle = NOT_MAPPED[name]
+    peer, why = speed.xt_peer_of(formers.create_model("lm", vocab=97, dim=64, depth=2, max_len=48, **cfg))
+    assert peer is None and needle in why
+
+
+def test_recipe_row_times_x_transformers_on_the_same_model(tmp_path):
+    pytest.importorskip("x_transformers")
+    import yaml
+
+    model = {"name": "lm", "dim": 32, "depth": 1, "max_len": 16, "position": "learned",
+             **MAPPED["squared_relu_no_bias"]}
+    (tmp_path / "mapped.yaml").write_text(yaml.safe_dump(
+        {"model": model, "task": {"name": "lm_bytes", "seq_len": 16}, "train": {"batch_size": 2}}))
+    logs: list[str] = []
+    (r,) = speed.row_recipe(str(tmp_path / "mapped.yaml"), 3, 1, 100.0, logs.append)
+    assert r["peer"] == "x-transformers" and r["logits_max_abs_diff"] <= 1e-5
+    assert r["ratio"] == pytest.approx(r["formers_tokens_per_s"] / r["peer_tokens_per_s"], rel=1e-2)
+    assert len(r["formers_runs"]) == len(r["peer_runs"]) == 3 and "ratio_ci90" in r
+    model["block"] = _lm(norm="layernorm")
+    (tmp_path / "bias.yaml").write_text(yaml.safe_dump(
+        {"model": model, "task": {"name": "lm_bytes", "seq_len": 16}, "train": {"batch_size": 2}}))
+    (r,) = speed.row_recipe(str(tmp_path / "bias.yaml"), 3, 1, 100.0, logs.append)
+    assert r["peer"] is None and "bias" in r["no_peer_because"] and "peer_tokens_per_s" not in r
+    assert any("no x-transformers row" in line for line in logs)
+
+
 def test_flops_per_token_is_the_issue_formula():
     m = speed.formers_lm()
     D, V, L, N = speed.DIM, speed.VOCAB, speed.DEPTH, speed.SEQ

@@ -42,6 +42,7 @@ from formers.bench.speed import (
     formers_lm,
     formers_vit,
     interleaved,
+    same_as_xt,
     vit_sides,
     xt_lm,
 )
@@ -182,6 +183,7 @@ def _row(name: str, sides: dict, reps: int, work: float, unit: str, floor_flops:
 def lm_row(reps: int, steps: int, log) -> dict:
     torch.manual_seed(0)
     ours, peer = formers_lm(), xt_lm(flash=True)
+    same_as_xt(ours, peer, "kernel_floor lm")  # the same model as `formers bench speed`: weights copied, logits equal
     floor = LMFloor(linear_shapes(ours), BATCH * SEQ, DEPTH, BATCH, HEADS, SEQ, DIM // HEADS)
     so, sp = TrainStep(ours, BATCH, SEQ, VOCAB), TrainStep(peer, BATCH, SEQ, VOCAB)
 

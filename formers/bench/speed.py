@@ -16,8 +16,9 @@ the same thread count; "same model" shown by equal parameter counts and, where t
   preallocated 2048x2048 fp32 tensors, taken just before; model FLOPs per token = 6 x (matmul weights including the
   output projection, excluding embedding lookups) + 6 x layers x seq x dim (causal attention).
 
-`--recipe NAME` adds a training-step row for a recipe's own model at its batch size and sequence length (with an
-x-transformers row when the model is a plain softmax LM that maps onto x-transformers' Decoder).
+`--recipe NAME` adds a training-step row for a recipe's own model at its batch size and sequence length, timed against
+x-transformers when the model maps onto its Decoder (Pre-LN softmax attention, an MLP or GLU, bias-free LayerNorm or
+RMSNorm, learned or no positions; weights copied in and logits checked equal); otherwise the row says why not.
 """
 
 from __future__ import annotations
@@ -105,6 +106,165 @@ def xt_lm(max_len: int = SEQ, flash: bool = False, dim: int = DIM, depth: int = 
 
     return TransformerWrapper(num_tokens=vocab, max_seq_len=max_len,
                               attn_layers=Decoder(dim=dim, depth=depth, heads=heads, attn_flash=flash))
+
+
+def xt_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
+    """x-transformers' `TransformerWrapper(Decoder)` with the same architecture as a formers LM, read off the built
+    modules: Pre-LN blocks of softmax attention (no qkv bias) and an MLP or GLU, LayerNorm without bias (x-t's
+    LayerNorm has none) or RMSNorm, learned absolute positions or none, tied or untied embeddings. Returns
+    (peer, "") or (None, why not) naming the first part with no x-t counterpart; equal parameter counts are the
+    final check."""
+    from formers.blocks import Block, PreNorm
+    from formers.nn.act import GELU, SiLU, SquaredReLU
+    from formers.nn.attention import SoftmaxAttention
+    from formers.nn.ffn import GLU, MLP
+    from formers.nn.norm import RMSNorm
+    from formers.nn.position import LearnedPosition
+
+    blocks = [m for m in ours.modules() if isinstance(m, Block)]
+    if not blocks or not hasattr(ours, "embed") or not hasattr(ours, "head"):
+        return None, "not a formers language model"
+    parts = [(type(b.attn), type(b.ffn), type(b.attn.fn), type(b.ffn.fn), type(b.attn.norm),
+              getattr(b.attn.norm, "bias", None) is not None, str(b.ffn.fn)) for b in blocks]
+    if any(p != parts[0] for p in parts):
+        return None, "its layers differ from one another (x-transformers' Decoder repeats one layer)"
+    b = blocks[0]
+    attn, ffn, norm = b.attn.fn, b.ffn.fn, b.attn.norm
+    if type(b.attn) is not PreNorm or type(b.ffn) is not PreNorm:
+        return None, f"placement {type(b.attn).__name__}; x-transformers' default is Pre-LN (placement: pre)"
+    if type(attn) is not SoftmaxAttention or attn.kv_heads != attn.heads or attn.q.bias is not None:
+        return None, (f"mixer {type(attn).__name__}; x-transformers' Attention is plain softmax attention (no qkv "
+                      f"bias, no grouped kv heads)")
+    dec: dict[str, Any] = {"dim": ours.dim, "depth": len(blocks), "heads": attn.heads, "attn_dim_head": attn.head_dim}
+    if isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine and norm.bias is None:
+        pass
+    elif type(norm) is RMSNorm:
+        dec["use_rmsnorm"] = True
+    else:
+        return None, (f"norm {type(norm).__name__}"
+                      + (" with a bias; x-transformers' LayerNorm has none (norm: {name: layernorm, bias: false})"
+                         if isinstance(norm, torch.nn.LayerNorm) else "; x-transformers has LayerNorm or RMSNorm"))
+    act = getattr(ffn, "act", None)
+    if type(ffn) is MLP:
+        hidden, has_bias = ffn.fc1.out_features, ffn.fc1.bias is not None
+        if type(act) is GELU and act.approximate == "none":
+            pass
+        elif type(act) is SquaredReLU:
+            dec["ff_relu_squared"] = True
+        else:
+            return None, f"MLP activation {act}; x-transformers' FeedForward has exact GELU or squared ReLU"
+    elif type(ffn) is GLU:
+        hidden, has_bias = ffn.fc2.in_features, ffn.fc_in.bias is not None
+        dec["ff_glu"] = True
+        if not has_bias:
+            return None, "a GLU without biases; x-transformers' GLU projection always has one (ffn: {bias: true})"
+        if type(act) is SiLU:
+            dec["ff_swish"] = True
+        elif not (type(act) is GELU and act.approximate == "none"):
+            return None, f"GLU activation {act}; x-transformers' GLU gates with exact GELU or SiLU"
+    else:
+        return None, f"ffn {type(ffn).__name__}; only mlp and glu map onto x-transformers' FeedForward"
+    if (ffn.fc2.bias is not None) != has_bias:
+        return None, "the FFN has a bias on one of its two layers only"
+    dec["ff_mult"] = hidden / ours.dim
+    dec["ff_no_bias"] = not has_bias
+    pos = getattr(ours, "position", None)
+    if type(pos) is LearnedPosition:
+        absolute = True
+    elif not any(True for _ in pos.parameters()) and getattr(pos, "kind", "") == "none":
+        absolute = False
+    else:
+        return None, f"positions {type(pos).__name__}; only learned absolute positions (or none) map exactly"
+    if ours.head.bias is not None:
+        return None, "the output layer has a bias; x-transformers' to_logits has none"
+    if int(ours.dim * dec["ff_mult"]) != hidden:
+        return None, f"x-transformers cannot make an FFN {hidden} wide from dim {ours.dim}"
+    from x_transformers import Decoder, TransformerWrapper
+
+    tied = ours.head.weight is ours.embed.weight  # x-t scales tied logits by dim^-0.5 unless told 1
+    peer = TransformerWrapper(num_tokens=ours.vocab, max_seq_len=ours.max_len, use_abs_pos_emb=absolute,
+                              tie_embedding=tied, **({"tie_embedding_scale": 1.0} if tied else {}),
+                              attn_layers=Decoder(**dec))
+    if n_params(peer) != n_params(ours):
+        return None, (f"x-transformers' model of this config has {n_params(peer):,} parameters against "
+                      f"{n_params(ours):,} (not the same model)")
+    return peer, ""
+
+
+@torch.no_grad()
+def formers_into_xt(ours: torch.nn.Module, peer: torch.nn.Module) -> None:
+    """Copy a formers LM's weights into the x-transformers model that `xt_peer_of` (or `xt_lm`) built for it, so
+    that both compute the same logits. x-t scales its absolute positions by dim^-0.5, keeps k and v apart (formers:
+    one kv matrix, k rows first), orders a GLU's halves (value, gate) where formers has (gate, value), and may store
+    norm gains as an offset from 1 (`unit_offset`)."""
+    from formers.blocks import Block
+    from formers.nn.ffn import GLU
+
+    def put(dst: torch.Tensor, src: torch.Tensor) -> None:
+        if dst.shape != src.shape:
+            raise FormersError(f"formers_into_xt: shape {tuple(src.shape)} does not fit {tuple(dst.shape)}")
+        dst.copy_(src)
+
+    def put_norm(dst: torch.nn.Module, src: torch.nn.Module) -> None:  # x-t stores gamma - 1 under unit_offset
+        put(dst.gamma if hasattr(dst, "gamma") else dst.g, src.weight - float(dst.unit_offset))
+
+    put(peer.token_emb.emb.weight, ours.embed.weight)
+    if hasattr(peer.pos_emb, "emb"):
+        n = peer.pos_emb.emb.weight.shape[0]
+        put(peer.pos_emb.emb.weight, ours.position.emb[:n] / peer.pos_emb.scale)
+    layers = peer.attn_layers.layers
+    blocks = [m for m in ours.modules() if isinstance(m, Block)]
+    for i, b in enumerate(blocks):
+        (an, *_), a, _ = layers[2 * i]
+        (fn, *_), f, _ = layers[2 * i + 1]
+        for norm, dst in ((b.attn.norm, an), (b.ffn.norm, fn)):
+            put_norm(dst, norm)
+        k, v = b.attn.fn.kv.weight.chunk(2)
+        put(a.to_q.weight, b.attn.fn.q.weight), put(a.to_k.weight, k), put(a.to_v.weight, v)
+        put(a.to_out.weight, b.attn.fn.out.weight)
+        src, first, last = b.ffn.fn, f.ff[0], f.ff[-1]
+        if isinstance(src, GLU):
+            gate, value = src.fc_in.weight.chunk(2)
+            put(first.proj.weight, torch.cat([value, gate]))
+            gb, vb = src.fc_in.bias.chunk(2)
+            put(first.proj.bias, torch.cat([vb, gb]))
+        else:
+            put(first[0].weight, src.fc1.weight)
+            if src.fc1.bias is not None:
+                put(first[0].bias, src.fc1.bias)
+        put(last.weight, src.fc2.weight)
+        if src.fc2.bias is not None:
+            put(last.bias, src.fc2.bias)
+    put_norm(peer.attn_layers.final_norm, ours.norm)
+    if isinstance(peer.to_logits, torch.nn.Linear):  # absent when x-t ties the embedding
+        put(peer.to_logits.weight, ours.head.weight)
+
+
+@torch.no_grad()
+def same_as_xt(ours: torch.nn.Module, peer: torch.nn.Module, what: str, seq: int = 64) -> float:
+    """Make an x-transformers LM the same model as a formers LM and show it: equal parameter counts, formers'
+    weights copied in (`formers_into_xt`), logits equal to 1e-5 on a random batch. x-t's RMSNorm has no epsilon
+    (F.normalize), so for the check formers' RMSNorm runs with eps 1e-12 (restored after). Returns the max-abs
+    logits difference."""
+    from formers.nn.norm import RMSNorm
+
+    po, pp = n_params(ours), n_params(peer)
+    if po != pp:
+        raise FormersError(f"{what}: parameter counts differ ({po:,} vs {pp:,}); not the same model")
+    formers_into_xt(ours, peer)
+    rms = [m for m in ours.modules() if isinstance(m, RMSNorm)]
+    eps = [m.eps for m in rms]
+    modes = ours.training, peer.training
+    idx = torch.randint(0, ours.vocab, (2, min(seq, ours.max_len)), generator=torch.Generator().manual_seed(0))
+    try:
+        for m in rms:
+            m.eps = 1e-12
+        ours.eval(), peer.eval()
+        return check_equal(ours(idx), peer(idx), f"{what}: formers vs x-transformers logits")
+    finally:
+        for m, e in zip(rms, eps):
+            m.eps = e
+        ours.train(modes[0]), peer.train(modes[1])
 
 
 def hf_gpt2(max_len: int):
@@ -242,9 +402,8 @@ def row_lm_train(reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
     for setting, flash in (("default", False), ("attn_flash", True)):
         torch.manual_seed(0)
         ours, peer = formers_lm(), xt_lm(flash=flash)
-        po, pp = n_params(ours), n_params(peer)
-        if po != pp:
-            raise FormersError(f"lm_train: parameter counts differ ({po:,} vs {pp:,}); not the same model")
+        err = same_as_xt(ours, peer, "lm_train")
+        po = n_params(ours)
         so, sp = TrainStep(ours, BATCH, SEQ, VOCAB), TrainStep(peer, BATCH, SEQ, VOCAB)
 
         def run(step):
@@ -253,6 +412,7 @@ def row_lm_train(reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
         pf: dict[str, list[int]] = {}
         times = interleaved({"formers": run(so), "peer": run(sp)}, reps, faults=pf)
         r = {"row": "lm_train", "peer": "x-transformers", "peer_setting": setting, "params": po,
+             "logits_max_abs_diff": err,
              **_summary(times, steps * BATCH * SEQ, "tokens_per_s", pf, per=steps)}
         fpt = lm_flops_per_token(ours, DEPTH, SEQ, DIM)
         r["flops_per_token"] = fpt
@@ -271,15 +431,15 @@ def row_generate(reps: int, log) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, VOCAB, (1, PROMPT), generator=g)
 
-    # x-transformers: the same model as the training row (equal parameter counts), cached greedy decoding
+    # x-transformers: the same model as the training row (formers' weights copied in, logits equal), cached
+    # greedy decoding
     from x_transformers import AutoregressiveWrapper
 
     torch.manual_seed(0)
     ours = formers_lm(max_len=max_len).eval()
     peer = AutoregressiveWrapper(xt_lm(max_len=max_len)).eval()
-    po, pp = n_params(ours), n_params(peer.net)
-    if po != pp:
-        raise FormersError(f"generate: parameter counts differ ({po:,} vs {pp:,})")
+    err = same_as_xt(ours, peer.net, "generate")
+    po = n_params(ours)
 
     def ours_gen():
         with torch.no_grad():
@@ -293,13 +453,16 @@ def row_generate(reps: int, log) -> list[dict]:
     if out_o.shape[1] != PROMPT + NEW or out_p.shape[-1] != NEW:
         raise FormersError(f"generate: expected {NEW} new tokens, got {out_o.shape[1] - PROMPT} and "
                            f"{out_p.shape[-1]}")
+    agree_xt = int((out_o[0, PROMPT:] == out_p[0]).cumprod(0).sum())
     pf: dict[str, list[int]] = {}
     times = interleaved({"formers": ours_gen, "peer": xt_gen}, reps, faults=pf)
     r = {"row": "generate", "peer": "x-transformers", "peer_setting": "cache_kv=True", "params": po,
+         "logits_max_abs_diff": err, "greedy_tokens_agreeing": agree_xt,
          **_summary(times, NEW, "tokens_per_s", pf)}
     rows.append(r)
     log(f"generate vs x-transformers: formers {r['formers_tokens_per_s']:7.1f} tok/s  peer "
-        f"{r['peer_tokens_per_s']:7.1f} tok/s  x{r['ratio']:.2f}")
+        f"{r['peer_tokens_per_s']:7.1f} tok/s  x{r['ratio']:.2f}  (logits diff {err:.1e}, {agree_xt}/{NEW} greedy "
+        "tokens agree)")
 
     # HF GPT-2: its weights copied into a GPT-2-shaped formers LM; logits equal before timing
     torch.manual_seed(0)
@@ -413,8 +576,9 @@ def row_packed(reps: int, log) -> list[dict]:
 
 
 def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
-    """A recipe's own model: training-step tokens/s at its batch size and sequence length, MFU, and an
-    x-transformers row when the model is a plain softmax LM with a GELU MLP (the same parameter count)."""
+    """A recipe's own model: training-step tokens/s at its batch size and sequence length, MFU, and, where the
+    model maps onto x-transformers (`xt_peer_of`), x-transformers on the same model (`same_as_xt`: weights copied,
+    logits equal) in the same interleaved loop; otherwise the reason is logged and kept in the row."""
     import formers
     from formers.config import load_recipe
 
@@ -429,32 +593,29 @@ def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> l
     torch.manual_seed(0)
     ours = formers.create_model(name, **mc)
     vocab = ours.vocab if hasattr(ours, "vocab") else ours.embed.num_embeddings
+    peer, why = xt_peer_of(ours)
+    r: dict[str, Any] = {"row": "recipe", "recipe": recipe, "peer": "x-transformers" if peer is not None else None,
+                         "params": n_params(ours), "batch": batch, "seq": seq}
+    if peer is None:
+        log(f"recipe {recipe}: no x-transformers row: {why}")
+        r["no_peer_because"] = why
+    else:
+        r["logits_max_abs_diff"] = same_as_xt(ours, peer, f"recipe {recipe}")
     sides = {"formers": TrainStep(ours, batch, seq, vocab)}
-    peer = None
-    blk = mc.get("block") or {}
-    mixer = blk.get("mixer", "softmax")
-    mixer_name = mixer if isinstance(mixer, str) else mixer.get("name")
-    if mixer_name == "softmax" and isinstance(mixer, dict) and mixer.get("heads"):
-        peer = xt_lm(max_len=ours.max_len, dim=ours.dim, depth=mc.get("depth", DEPTH), heads=mixer["heads"],
-                     vocab=vocab)
-        if n_params(peer) != n_params(ours):
-            log(f"recipe {recipe}: x-transformers' Decoder has {n_params(peer):,} parameters against "
-                f"{n_params(ours):,}; no peer row (not the same model)")
-            peer = None
     if peer is not None:
         sides["peer"] = TrainStep(peer, batch, seq, vocab)
-    times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps)
+    pf: dict[str, list[int]] = {}
+    times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps, faults=pf)
     fpt = lm_flops_per_token(ours, len(list(ours.stack.blocks)) if hasattr(ours.stack, "blocks") else DEPTH, seq,
                              ours.dim)
-    r: dict[str, Any] = {"row": "recipe", "recipe": recipe, "peer": "x-transformers" if peer is not None else None,
-                         "params": n_params(ours), "batch": batch, "seq": seq, "flops_per_token": fpt}
+    r["flops_per_token"] = fpt
     work = steps * batch * seq
-    r["formers_tokens_per_s"] = round(work / statistics.median(times["formers"]), 2)
-    r["formers_mfu"] = round(r["formers_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
     if peer is not None:
-        r["peer_tokens_per_s"] = round(work / statistics.median(times["peer"]), 2)
+        r.update(_summary(times, work, "tokens_per_s", pf, per=steps))
         r["peer_mfu"] = round(r["peer_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
-        r["ratio"] = round(r["formers_tokens_per_s"] / r["peer_tokens_per_s"], 3)
+    else:
+        r["formers_tokens_per_s"] = round(work / statistics.median(times["formers"]), 2)
+    r["formers_mfu"] = round(r["formers_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
     log(f"recipe {recipe}: formers {r['formers_tokens_per_s']:.0f} tok/s (MFU {r['formers_mfu']:.1%})"
         + (f"  x-transformers {r['peer_tokens_per_s']:.0f} tok/s  x{r['ratio']:.2f}" if peer is not None else ""))
     return [r]
