@@ -199,8 +199,11 @@ class MoE(nn.Module):
     (default mult * dim / k, so that the active parameters equal a dense `mlp` of the same `mult`); `glu` makes
     them gated. Capacity per expert = ceil(capacity_factor * tokens * k / experts) (None or 0: no dropping);
     dropped assignments add nothing, so a fully dropped token passes through the residual unchanged. Tokens claim
-    slots in order (`priority="token"`, causal within a sequence: a token's fate depends only on the tokens before
-    it in the flattened batch) or GShard's all-first-choices-first order (`priority="rank"`, not causal).
+    slots in order (`priority="token"`) or GShard's all-first-choices-first order (`priority="rank"`, not causal).
+    The order of a (B, N, D) batch is position-major: position 0 of every sequence, then position 1, ..., so with
+    token priority a token's fate depends only on tokens at its own or earlier positions and a causal LM stays
+    causal across the whole batch (batch-major order would let sequence 0's last tokens take the slots of sequence
+    1's first ones).
     Auxiliary losses, reported through `report_aux` and added by the trainer:
         moe_balance  balance_weight * E * sum_e f_e P_e    (`aux="switch"`)
         moe_mi       balance_weight * (-H(e) + H(e|x))    (`aux="mi"`, P24)
@@ -263,8 +266,15 @@ class MoE(nn.Module):
             if self.z_weight:
                 report_aux(self, "moe_z", self.z_weight * z_loss(logits))
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        keep = capacity_keep(index, self.num_experts, capacity(xt.shape[0], self.num_experts, self.k, factor),
-                             self.priority)
+        cap = capacity(xt.shape[0], self.num_experts, self.k, factor)
+        if x.dim() == 3 and shape[0] > 1 and cap < xt.shape[0] * self.k:
+            # tokens claim slots position by position across the batch (time-major), so that no sequence's later
+            # tokens can take a slot from another sequence's earlier token: a causal LM stays causal per batch
+            arrival = torch.arange(xt.shape[0], device=x.device).view(shape[0], shape[1]).t().reshape(-1)
+            keep = torch.empty_like(index, dtype=torch.bool)
+            keep[arrival] = capacity_keep(index[arrival], self.num_experts, cap, self.priority)
+        else:
+            keep = capacity_keep(index, self.num_experts, cap, self.priority)
         tok, slot, counts = dispatch(index, keep, self.num_experts)
         self.last_load, self.last_dropped = counts, int(keep.numel() - keep.sum())
         y = self.experts(xt[tok], counts)  # (A, D), grouped by expert

@@ -49,12 +49,14 @@ def naive_topk(logits_row, k, combine):
     return idx, gates
 
 
-def python_keep(index, experts, cap, priority):
+def python_keep(index, experts, cap, priority, tokens=None):
     """Capacity with explicit per-expert counters: each expert keeps the first `cap` assignments that reach it,
-    visiting tokens in order (each token's slots best first) or, for 'rank', every first choice before any second."""
+    visiting tokens in the order `tokens` (default 0..T-1; each token's slots best first) or, for 'rank', every
+    first choice before any second."""
     T, k = len(index), len(index[0])
-    order = [(t, s) for t in range(T) for s in range(k)] if priority == "token" else \
-        [(t, s) for s in range(k) for t in range(T)]
+    tokens = list(range(T)) if tokens is None else tokens
+    order = [(t, s) for t in tokens for s in range(k)] if priority == "token" else \
+        [(t, s) for s in range(k) for t in tokens]
     count = [0] * experts
     keep = [[False] * k for _ in range(T)]
     for t, s in order:
@@ -73,7 +75,9 @@ def naive_moe(m, x, cap=None, priority="token"):
     logits = xt @ m.router.net.weight.t()
     routed = [naive_topk(logits[t], m.k, m.combine) for t in range(xt.shape[0])]
     index = [r[0] for r in routed]
-    keep = python_keep(index, m.num_experts, cap if cap is not None else 10 ** 9, priority)
+    B, N = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, xt.shape[0])
+    arrival = [b * N + n for n in range(N) for b in range(B)]  # position-major: every sequence's token n, then n+1
+    keep = python_keep(index, m.num_experts, cap if cap is not None else 10 ** 9, priority, arrival)
     out = torch.zeros_like(xt)
     for t, (idx, gates) in enumerate(routed):
         for s, (e, g) in enumerate(zip(idx, gates)):
@@ -237,6 +241,24 @@ def test_token_priority_keeps_an_lm_causal(train):
         y2 = model(other)
         torch.testing.assert_close(y2[0, :t + 1], y[0, :t + 1], atol=0, rtol=0)
         assert not torch.allclose(y2[0, t + 1:], y[0, t + 1:])
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_token_priority_keeps_a_batch_causal(train):
+    """Capacity is shared by the whole batch: changing sequence 0's later tokens must not change any sequence's
+    earlier outputs (in batch-major order sequence 0's tail would take the slots of sequence 1's head)."""
+    model = moe_lm("token", factor=0.5).train(train)
+    ids = torch.randint(0, 11, (3, 16), generator=torch.Generator().manual_seed(0))
+    y = model(ids)
+    assert sum(mod.last_dropped for mod in model.modules() if isinstance(mod, MoE)) > 0
+    changed = False
+    for seed in range(6):
+        other = ids.clone()
+        other[0, 8:] = torch.randint(0, 11, (8,), generator=torch.Generator().manual_seed(seed))
+        y2 = model(other)
+        torch.testing.assert_close(y2[:, :8], y[:, :8], atol=0, rtol=0)
+        changed |= not torch.allclose(y2[1:, 8:], y[1:, 8:])  # later positions do share capacity
+    assert changed
 
 
 def test_rank_priority_is_not_causal():
