@@ -335,3 +335,21 @@ def test_config_errors():
         capacity_keep(torch.zeros(3, 1, dtype=torch.long), 2, 1, "expert")
     with pytest.raises(FormersError, match="moe"):
         formers.create_model("lm", vocab=11, dim=8, depth=1, block={"ffn": {"name": "moe", "experts": 2, "k": 4}})
+
+
+def test_without_eval_capacity_cached_generation_equals_recomputation():
+    """The docstring's advice: capacity scales with the tokens per call, so only eval_capacity_factor=None makes
+    cached decoding (one token per call) agree with full forwards, even with decisive, uneven routing."""
+    ffn = {"name": "moe", "experts": 4, "k": 2, "capacity_factor": 0.5, "eval_capacity_factor": None}
+    model = formers.create_model("lm", vocab=11, dim=16, depth=2, max_len=40,
+                                 block={"mixer": {"name": "softmax", "heads": 2}, "ffn": ffn}).double().eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, MoE):
+                mod.router.net.weight.normal_(std=1.0)
+        ids = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(0))
+        out = model.generate(ids, 16, greedy=True)
+        seq = ids
+        for _ in range(16):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, seq)
