@@ -131,3 +131,20 @@ def test_show_and_build_with_defaults(name, capsys):
     assert main(["show", "mixer", name]) == 0
     out = capsys.readouterr().out
     assert "paper:" in out and "options:" in out
+
+
+@pytest.mark.parametrize("name", BIDIRECTIONAL)
+def test_alibi_either_runs_or_is_refused_when_the_model_is_built(name):
+    """ALiBi adds a bias to attention scores. A mixer without per-key scores declares `takes_bias = False` and the
+    model refuses the combination at build time, naming the mixer; every other mixer runs with it (no error left
+    for the first forward)."""
+    from formers.registry import FormersError
+
+    try:
+        model = encoder(name, position="alibi").eval()
+    except FormersError as e:
+        assert "model.position" in str(e) and name in str(e)
+        return
+    ids = torch.randint(0, 16, (2, 24))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids)).all()

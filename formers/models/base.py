@@ -34,6 +34,12 @@ class SequenceModel(nn.Module):
         self.stack = build_stack(stack, depth, lambda i: Block(
             dim, self.causal, specs[i], path="model.block" if specs[i] == specs[0] else f"model.layers[{i}]",
             max_len=max_len, layer=i))
+        if getattr(self.position, "has_bias", False):  # a score bias (ALiBi) needs mixers that form per-key scores
+            for m in self.stack.modules():
+                if getattr(m, "takes_bias", True) is False:
+                    raise FormersError(f"model.position: {type(self.position).__name__} adds a bias to attention "
+                                       f"scores, which mixer '{getattr(m, 'mixer_name', type(m).__name__)}' never "
+                                       "forms; use position rope, learned, sinusoidal or none")
         first = next(m for m in self.stack.modules() if isinstance(m, Block))
         self.norm = build("norm", specs[0]["norm"], path="model.block.norm", reserved=("dim",), dim=dim) \
             if first.final_norm else nn.Identity()

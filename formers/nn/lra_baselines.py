@@ -209,6 +209,7 @@ class ReformerAttention(_LRAMixer):
     """
 
     mixer_name = "reformer"
+    takes_bias = False  # no per-key score matrix to add a relative position bias (ALiBi) to; checked at build
     supports_cache = False
     self_penalty = 1e5  # the paper's value for masking attention to self
 
@@ -358,6 +359,7 @@ class SinkhornAttention(_LRAMixer):
     """
 
     mixer_name = "sinkhorn"
+    takes_bias = False  # no per-key score matrix to add a relative position bias (ALiBi) to; checked at build
 
     def __init__(self, dim: int, heads: int = 8, causal: bool = False, max_len: int = 512, block: int = 32,
                  iters: int = 5, temperature: float = 0.75):

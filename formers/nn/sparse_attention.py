@@ -619,6 +619,8 @@ class LinformerAttention(nn.Module):
     x (B, N, D) -> (B, N, D); scores (B, H, N, k).
     """
 
+    mixer_name = "linformer"
+    takes_bias = False  # no per-key score matrix to add a relative position bias (ALiBi) to; checked at build
     supports_cache = False
 
     def __init__(self, dim: int, heads: int = 8, causal: bool = False, max_len: int = 1024, k: int = 256,
