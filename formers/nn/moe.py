@@ -204,8 +204,9 @@ class MoE(nn.Module):
     token priority a token's fate depends only on tokens at its own or earlier positions and a causal LM stays
     causal across the whole batch (batch-major order would let sequence 0's last tokens take the slots of sequence
     1's first ones). Capacity scales with the tokens in the call, so in an LM, cached decoding (one token per call:
-    nothing drops) can differ from a full forward over the same text where capacity binds; `eval_capacity_factor:
-    null` makes inference drop nothing, and the two agree.
+    nothing drops) can differ from a full forward over the same text where capacity binds; likewise an FFN sees no
+    padding mask, so in a padded batch the padding tokens are routed and take slots, and a padded forward can differ
+    from the packed one. `eval_capacity_factor: null` makes inference drop nothing, and then they all agree.
     Auxiliary losses, reported through `report_aux` and added by the trainer:
         moe_balance  balance_weight * E * sum_e f_e P_e    (`aux="switch"`)
         moe_mi       balance_weight * (-H(e) + H(e|x))    (`aux="mi"`, P24)
