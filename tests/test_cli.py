@@ -37,6 +37,17 @@ def test_train_eval_generate(tiny_recipe, tmp_path, capsys):
     assert '"val_bpb"' in capsys.readouterr().out
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "not a run folder" in capsys.readouterr().err
+    # meaningless sampling settings: one line each, before any token is generated
+    for args, msg in ((["--tokens", "0"], "tokens must be >= 1"), (["--top-k", "0"], "top_k must be >= 1"),
+                      (["--temperature", "-1"], "temperature must be >= 0")):
+        assert main(["generate", str(out), *args]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and len(err.strip().splitlines()) == 1
+    # a run folder whose config.yaml is not a mapping, or not YAML
+    for text, msg in (("garbage\n", "not a run config"), ("model: [1\n", "invalid YAML")):
+        (out / "config.yaml").write_text(text)
+        assert main(["eval", str(out)]) == 2
+        assert msg in capsys.readouterr().err
 
 
 def test_python_dash_m():

@@ -922,3 +922,15 @@ def test_add_into_leaves_tensors_held_by_hooks_alone(where):
         y = b(x)
     assert torch.equal(kept[0], at_hook[0])
     torch.testing.assert_close(y, _plain(b, x), atol=1e-6, rtol=1e-6)
+
+
+def test_generate_refuses_meaningless_sampling_settings():
+    from formers.registry import FormersError
+
+    model = formers.create_model("lm", vocab=16, dim=16, depth=1, max_len=32, block={"mixer": {"heads": 2}})
+    idx = torch.zeros(1, 3, dtype=torch.long)
+    for kw, msg in (({"temperature": -0.5}, "temperature must be >= 0"), ({"top_k": 0}, "top_k must be >= 1"),
+                    ({"top_p": 0.0}, "top_p must be in"), ({"top_p": 1.5}, "top_p must be in")):
+        with pytest.raises(FormersError, match=msg):
+            model.generate(idx, 4, **kw)
+    assert model.generate(idx, 4, top_k=100, top_p=1.0).shape == (1, 7)  # top_k above the vocabulary: no cut

@@ -118,6 +118,7 @@ class LM(SequenceModel):
             idx = idx[None]
         if max_new_tokens < 0:
             raise FormersError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
+        check_sampling(temperature, top_k, top_p)
         if getattr(self.position, "kind", "") == "absolute" and idx.shape[1] + max_new_tokens > self.max_len:
             raise FormersError(f"generating {idx.shape[1] + max_new_tokens} tokens exceeds max_len={self.max_len} "
                                "of the absolute positions; ask for fewer tokens")
@@ -241,6 +242,16 @@ def _copy_cache(c: KVCache) -> KVCache:
     out = KVCache()
     out.k, out.v, out.state, out.length = c.k, c.v, dict(c.state), c.length
     return out
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """One-line errors for sampling settings that have no meaning (before any token is generated)."""
+    if not temperature >= 0:
+        raise FormersError(f"generate: temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise FormersError(f"generate: top_k must be >= 1 (or None for no cut), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise FormersError(f"generate: top_p must be in (0, 1], got {top_p}")
 
 
 def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None = None,

@@ -537,7 +537,14 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None):
     d = Path(run_dir)
     if not (d / "config.yaml").exists():
         raise FormersError(f"{d} is not a run folder (no config.yaml); give the folder `formers train` wrote")
-    cfg = C.validate_sections(C.yaml.safe_load((d / "config.yaml").read_text()))
+    try:
+        cfg = C.yaml.safe_load((d / "config.yaml").read_text())
+    except C.yaml.YAMLError as e:
+        raise FormersError(f"{d / 'config.yaml'}: invalid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise FormersError(f"{d / 'config.yaml'} is not a run config (expected sections name, model, task, train); "
+                           "the file is corrupt: restore it or train again")
+    cfg = C.validate_sections(cfg)
     task = build_task(cfg["task"])
     model = build_model(cfg["model"], task.model_defaults())
     if (d / "model.safetensors").exists():
