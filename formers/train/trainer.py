@@ -276,8 +276,12 @@ class Trainer:
                 print(f"resuming {self.run_dir} from step {start}"
                       + (f" ({meta['world_size']} processes saved it, {dist.world} continue)"
                          if meta.get("world_size", 1) != dist.world else ""))
-        elif dist.main and metrics_path.exists():
-            metrics_path.unlink()
+        elif dist.main:
+            if self.resume:
+                print(f"--resume: no checkpoint in {self.run_dir} (train.ckpt_every sets how often they are saved); "
+                      "training from step 0")
+            if metrics_path.exists():
+                metrics_path.unlink()
 
         model.train()
         if tc.compile and dist.main and start < self.total:
