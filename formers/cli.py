@@ -72,6 +72,8 @@ def _cmd_generate(a) -> int:
     from formers.tasks.lm_bytes import generate_text
     from formers.train.trainer import load_run
 
+    if a.tokens < 1:
+        raise FormersError(f"generate: --tokens must be >= 1, got {a.tokens}")
     model = load_run(a.run)
     if not hasattr(model, "generate"):
         raise FormersError(f"the model in {a.run} does not generate text (it is not an `lm`)")

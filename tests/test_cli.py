@@ -38,7 +38,7 @@ def test_train_eval_generate(tiny_recipe, tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "not a run folder" in capsys.readouterr().err
     # meaningless sampling settings: one line each, before any token is generated
-    for args, msg in ((["--tokens", "0"], "tokens must be >= 1"), (["--top-k", "0"], "top_k must be >= 1"),
+    for args, msg in ((["--tokens", "0"], "--tokens must be >= 1"), (["--top-k", "0"], "top_k must be >= 1"),
                       (["--temperature", "-1"], "temperature must be >= 0")):
         assert main(["generate", str(out), *args]) == 2
         err = capsys.readouterr().err

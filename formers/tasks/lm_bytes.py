@@ -121,8 +121,8 @@ def generate_text(model, prompt: str, tokens: int, temperature: float = 0.8, top
 
     Models with absolute positions see at most `max_len` bytes: past that, generation slides its window,
     keeping the last max_len / 2 bytes as context for the next chunk."""
-    if tokens < 1:
-        raise FormersError(f"generate: the number of tokens must be >= 1, got {tokens}")
+    if tokens < 0:
+        raise FormersError(f"generate: the number of tokens must be >= 0, got {tokens}")
     out = torch.tensor(list(prompt.encode("utf-8")) or [10])[None]  # (1, N)
     absolute = getattr(getattr(model, "position", None), "kind", "") == "absolute"
     limit = getattr(model, "max_len", None) if absolute else None
