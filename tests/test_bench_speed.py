@@ -119,6 +119,8 @@ NOT_MAPPED = {  # config -> what the reason must name
     "relu_mlp": (dict(block=_lm(ffn={"name": "mlp", "act": "relu"})), "activation"),
     "glu_without_bias": (dict(block=_lm(ffn={"name": "glu", "act": "silu"})), "bias: true"),
     "primer_mdha": (dict(block=_lm(mixer={"name": "mdha", "heads": 4})), "mixer"),
+    "dropout": (dict(dropout=0.1, block=_lm()), "dropout"),
+    "attention_dropout": (dict(block=_lm(mixer={"name": "softmax", "heads": 4, "dropout": 0.1})), "dropout"),
 }
 
 

@@ -128,6 +128,10 @@ def xt_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
               getattr(b.attn.norm, "bias", None) is not None, str(b.ffn.fn)) for b in blocks]
     if any(p != parts[0] for p in parts):
         return None, "its layers differ from one another (x-transformers' Decoder repeats one layer)"
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in ours.modules()) or getattr(blocks[0].attn.fn,
+                                                                                              "dropout", 0):
+        return None, ("dropout > 0; x-transformers places its dropouts elsewhere, so the steps would not do the same "
+                      "work (set the recipe's dropouts to 0 to compare)")
     b = blocks[0]
     attn, ffn, norm = b.attn.fn, b.ffn.fn, b.attn.norm
     if type(b.attn) is not PreNorm or type(b.ffn) is not PreNorm:
