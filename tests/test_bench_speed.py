@@ -120,6 +120,10 @@ NOT_MAPPED = {  # config -> what the reason must name
     "glu_without_bias": (dict(block=_lm(ffn={"name": "glu", "act": "silu"})), "bias: true"),
     "primer_mdha": (dict(block=_lm(mixer={"name": "mdha", "heads": 4})), "mixer"),
     "dropout": (dict(dropout=0.1, block=_lm()), "dropout"),
+    "looped_stack": (dict(stack={"name": "looped", "pre": 1, "loops": 3}, block=_lm()), "stack runs"),
+    "layers_differ": (dict(block=_lm(), layers={1: {"mixer": {"name": "softmax", "heads": 2}}}), "layers differ"),
+    "attention_scale": (dict(block=_lm(mixer={"name": "softmax", "heads": 4, "scale": 0.5})), "scale"),
+    "layernorm_eps": (dict(block=_lm(norm={"name": "layernorm", "bias": False, "eps": 1e-2})), "eps"),
     "attention_dropout": (dict(block=_lm(mixer={"name": "softmax", "heads": 4, "dropout": 0.1})), "dropout"),
 }
 
@@ -153,6 +157,25 @@ def test_recipe_row_times_x_transformers_on_the_same_model(tmp_path):
     (r,) = speed.row_recipe(str(tmp_path / "bias.yaml"), 3, 1, 100.0, logs.append)
     assert r["peer"] is None and "bias" in r["no_peer_because"] and "peer_tokens_per_s" not in r
     assert any("no x-transformers row" in line for line in logs)
+
+
+def test_recipe_row_times_formers_alone_when_the_logits_check_fails(tmp_path, monkeypatch):
+    """A difference `xt_peer_of` does not know about shows in the logits check; the row then says so instead of
+    aborting the whole benchmark."""
+    pytest.importorskip("x_transformers")
+    import yaml
+
+    model = {"name": "lm", "dim": 32, "depth": 1, "max_len": 16, "position": "learned",
+             **MAPPED["squared_relu_no_bias"]}
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(
+        {"model": model, "task": {"name": "lm_bytes", "seq_len": 16}, "train": {"batch_size": 2}}))
+
+    def differs(*a, **k):
+        raise FormersError("recipe: formers vs x-transformers logits: outputs differ by 1.0e-01")
+
+    monkeypatch.setattr(speed, "same_as_xt", differs)
+    (r,) = speed.row_recipe(str(tmp_path / "r.yaml"), 3, 1, 100.0, lambda s: None)
+    assert r["peer"] is None and "differ" in r["no_peer_because"] and "peer_tokens_per_s" not in r
 
 
 def test_flops_per_token_is_the_issue_formula():

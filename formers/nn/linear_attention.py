@@ -79,7 +79,7 @@ class KernelAttention(nn.Module):
 
     mixer_name = "kernel attention"  # the registered name, for messages
     supports_context = True  # cross-attention over `context`
-    takes_bias = False  # can add a relative position bias (ALiBi) to its weights
+    takes_bias = False  # whether it can add a relative position score bias (ALiBi); checked when a model is built
     takes_seqlens = False
 
     def __init__(self, dim: int, heads: int, causal: bool, head_dim: int | None, bias: bool):

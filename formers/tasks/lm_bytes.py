@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from formers.data import get_source, load_documents
+from formers.models.lm import check_sampling
 from formers.registry import FormersError, _hint, register
 from formers.tasks.base import Task
 
@@ -123,6 +124,7 @@ def generate_text(model, prompt: str, tokens: int, temperature: float = 0.8, top
     keeping the last max_len / 2 bytes as context for the next chunk."""
     if tokens < 0:
         raise FormersError(f"generate: the number of tokens must be >= 0, got {tokens}")
+    check_sampling(temperature, top_k, None)
     out = torch.tensor(list(prompt.encode("utf-8")) or [10])[None]  # (1, N)
     absolute = getattr(getattr(model, "position", None), "kind", "") == "absolute"
     limit = getattr(model, "max_len", None) if absolute else None

@@ -544,7 +544,9 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None):
     try:
         cfg = C.yaml.safe_load((d / "config.yaml").read_text())
     except C.yaml.YAMLError as e:
-        raise FormersError(f"{d / 'config.yaml'}: invalid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise FormersError(f"{d / 'config.yaml'}: invalid YAML{where}: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict):
         raise FormersError(f"{d / 'config.yaml'} is not a run config (expected sections name, model, task, train); "
                            "the file is corrupt: restore it or train again")
