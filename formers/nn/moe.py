@@ -204,9 +204,10 @@ class MoE(nn.Module):
     token priority a token's fate depends only on tokens at its own or earlier positions and a causal LM stays
     causal across the whole batch (batch-major order would let sequence 0's last tokens take the slots of sequence
     1's first ones). Capacity scales with the tokens in the call, so in an LM, cached decoding (one token per call:
-    nothing drops) can differ from a full forward over the same text where capacity binds; likewise an FFN sees no
-    padding mask, so in a padded batch the padding tokens are routed and take slots, and a padded forward can differ
-    from the packed one. `eval_capacity_factor: null` makes inference drop nothing, and then they all agree.
+    nothing drops) can differ from a full forward over the same text where capacity binds; `eval_capacity_factor:
+    null` makes inference drop nothing, and then the two agree. Padding (Block passes the key-padding `mask`) is not
+    routed, takes no slots and stays out of the auxiliary losses; a packed batch (`seqlens`) claims slots in the same
+    position-major order, so packed and padded forwards agree even where capacity binds.
     Auxiliary losses, reported through `report_aux` and added by the trainer:
         moe_balance  balance_weight * E * sum_e f_e P_e    (`aux="switch"`)
         moe_mi       balance_weight * (-H(e) + H(e|x))    (`aux="mi"`, P24)
@@ -255,35 +256,60 @@ class MoE(nn.Module):
         """(T, D) -> (T, E) router logits."""
         return self.router(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    takes_mask = True  # Block hands it the key-padding `mask` (B, N) and packed `seqlens`: padding takes no slots
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, N, D) (or any (..., D)); `mask` (B, N) True at real tokens (padding is not routed, takes no
+        capacity and stays out of the auxiliary losses; its output is 0); `seqlens` (S + 1,) cumulative offsets of
+        a packed x (1, T, D) or (T, D), so that its tokens claim slots in the same order as the padded batch."""
         shape = x.shape
         xt = x.reshape(-1, shape[-1])  # (T, D)
+        T = xt.shape[0]
         logits = self.gate_logits(xt)  # (T, E)
         index, gates = route(logits, self.k, self.combine)  # (T, k) each
-        probs = torch.softmax(_wide(logits), dim=-1)
+        valid = mask.reshape(-1).bool() if mask is not None and x.dim() == 3 and mask.shape == shape[:2] else None
         if self.training or torch.is_grad_enabled():
+            lg, ix = (logits, index) if valid is None else (logits[valid], index[valid])
+            probs = torch.softmax(_wide(lg), dim=-1)
             if self.aux == "switch" and self.balance_weight:
-                report_aux(self, "moe_balance", self.balance_weight * balance_loss(probs, index))
+                report_aux(self, "moe_balance", self.balance_weight * balance_loss(probs, ix))
             elif self.aux == "mi" and self.balance_weight:
                 report_aux(self, "moe_mi", self.balance_weight * mi_loss(probs))
             if self.z_weight:
-                report_aux(self, "moe_z", self.z_weight * z_loss(logits))
+                report_aux(self, "moe_z", self.z_weight * z_loss(lg))
         factor = self.capacity_factor if self.training else self.eval_capacity_factor
-        cap = capacity(xt.shape[0], self.num_experts, self.k, factor)
-        if x.dim() == 3 and shape[0] > 1 and cap < xt.shape[0] * self.k:
-            # tokens claim slots position by position across the batch (time-major), so that no sequence's later
-            # tokens can take a slot from another sequence's earlier token: a causal LM stays causal per batch
-            arrival = torch.arange(xt.shape[0], device=x.device).view(shape[0], shape[1]).t().reshape(-1)
-            keep = torch.empty_like(index, dtype=torch.bool)
-            keep[arrival] = capacity_keep(index[arrival], self.num_experts, cap, self.priority)
-        else:
+        real = T if valid is None else int(valid.sum())
+        cap = capacity(real, self.num_experts, self.k, factor)
+        order = self._arrival(x, valid, seqlens) if (valid is not None or cap < T * self.k) else None
+        if order is None:
             keep = capacity_keep(index, self.num_experts, cap, self.priority)
+        else:
+            keep = torch.zeros_like(index, dtype=torch.bool)  # padding: never kept
+            keep[order] = capacity_keep(index[order], self.num_experts, cap, self.priority)
         tok, slot, counts = dispatch(index, keep, self.num_experts)
-        self.last_load, self.last_dropped = counts, int(keep.numel() - keep.sum())
+        self.last_load, self.last_dropped = counts, int(real * self.k - keep.sum())
         y = self.experts(xt[tok], counts)  # (A, D), grouped by expert
         y = y * gates[tok, slot].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(xt).index_add_(0, tok, y)
         return self.drop(out.view(shape))
+
+    @staticmethod
+    def _arrival(x: torch.Tensor, valid: torch.Tensor | None, seqlens: torch.Tensor | None) -> torch.Tensor | None:
+        """The order in which tokens claim expert slots (real tokens only): position-major, i.e. every sequence's
+        token 0, then every sequence's token 1, ..., for a (B, N, D) batch and for a packed one alike; None for the
+        plain order (one sequence, nothing masked)."""
+        T = x.numel() // x.shape[-1]
+        if seqlens is not None:
+            from formers.nn.packed import positions_in_sequence, sequence_ids
+
+            key = positions_in_sequence(seqlens) * (len(seqlens) - 1) + sequence_ids(seqlens)  # (T,)
+            order = torch.sort(key, stable=True).indices
+        elif x.dim() == 3 and x.shape[0] > 1:
+            order = torch.arange(T, device=x.device).view(x.shape[0], x.shape[1]).t().reshape(-1)
+        else:
+            order = torch.arange(T, device=x.device) if valid is not None else None
+        return order if valid is None or order is None else order[valid[order]]
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, k={self.k}, capacity_factor={self.capacity_factor}, "

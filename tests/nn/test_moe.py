@@ -68,15 +68,16 @@ def python_keep(index, experts, cap, priority, tokens=None):
 
 
 @torch.no_grad()
-def naive_moe(m, x, cap=None, priority="token"):
+def naive_moe(m, x, cap=None, priority="token", mask=None):
     """y_t = sum over kept slots of gate * expert(x_t), one token at a time; also returns the keep table and the
-    chosen experts."""
+    chosen experts. `mask` (B, N): only its True tokens visit the experts."""
     xt = x.reshape(-1, x.shape[-1])
     logits = xt @ m.router.net.weight.t()
     routed = [naive_topk(logits[t], m.k, m.combine) for t in range(xt.shape[0])]
     index = [r[0] for r in routed]
     B, N = (x.shape[0], x.shape[1]) if x.dim() == 3 else (1, xt.shape[0])
-    arrival = [b * N + n for n in range(N) for b in range(B)]  # position-major: every sequence's token n, then n+1
+    arrival = [b * N + n for n in range(N) for b in range(B)  # position-major: every sequence's token n, then n+1
+               if mask is None or bool(mask[b, n])]
     keep = python_keep(index, m.num_experts, cap if cap is not None else 10 ** 9, priority, arrival)
     out = torch.zeros_like(xt)
     for t, (idx, gates) in enumerate(routed):
@@ -353,3 +354,60 @@ def test_without_eval_capacity_cached_generation_equals_recomputation():
         for _ in range(16):
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     assert torch.equal(out, seq)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_padding_is_not_routed_and_takes_no_capacity(train):
+    """With a key-padding mask, only real tokens visit the experts, in position-major order, against a capacity
+    computed from the real tokens; padding outputs 0, and what the padding holds changes nothing."""
+    m = moe(experts=4, k=2, capacity_factor=0.5, eval_capacity_factor=0.5).train(train)
+    x = torch.randn(3, 8, 6, dtype=torch.float64)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0, 5:], mask[2, 3:] = False, False
+    real = int(mask.sum())
+    cap = math.ceil(0.5 * real * 2 / 4)
+    y = m(x, mask=mask)
+    ref, keep, _ = naive_moe(m, x, cap, "token", mask=mask)
+    torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+    assert m.last_dropped == real * 2 - sum(v for row in keep for v in row) > 0
+    assert torch.equal(y[~mask], torch.zeros(3 * 8 - real, 6, dtype=torch.float64))
+    x2 = x.clone()
+    x2[~mask] = torch.randn(3 * 8 - real, 6, dtype=torch.float64) * 5
+    torch.testing.assert_close(m(x2, mask=mask), y, rtol=0, atol=0)
+
+
+def test_auxiliary_losses_see_only_real_tokens():
+    from formers.nn.hooks import aux_losses, clear_aux
+
+    m = moe(experts=4, k=2, z_weight=0.01).train()
+    x = torch.randn(2, 6, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    clear_aux(m)
+    m(x, mask=mask)
+    padded = aux_losses(m)
+    clear_aux(m)
+    m(x[mask][None])  # the same real tokens as one unpadded sequence: the losses are means over tokens
+    alone = aux_losses(m)
+    assert padded.keys() == alone.keys() == {"moe_balance", "moe_z"}
+    for k in padded:
+        torch.testing.assert_close(padded[k], alone[k], rtol=1e-12, atol=1e-12)
+
+
+def test_encoder_with_binding_capacity_packed_equals_padded():
+    """The packed forward (P37) and the padded one with a key-padding mask route the same real tokens in the same
+    order against the same capacity, so they agree even where capacity drops tokens."""
+    ffn = {"name": "moe", "experts": 4, "k": 2, "capacity_factor": 0.5, "eval_capacity_factor": 0.5}
+    model = formers.create_model("encoder", vocab=11, dim=16, depth=2, max_len=32, pool="mean", num_classes=3,
+                                 level="token", block={"mixer": {"name": "softmax", "heads": 2}, "ffn": ffn})
+    model = model.double().eval()
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, MoE):
+                mod.router.net.weight.normal_(std=1.0)
+        ids = torch.randint(0, 11, (3, 12), generator=torch.Generator().manual_seed(0))
+        mask = torch.ones(3, 12, dtype=torch.bool)
+        mask[0, 7:], mask[1, 10:] = False, False
+        padded = model(ids, mask=mask)
+        assert sum(mod.last_dropped for mod in model.modules() if isinstance(mod, MoE)) > 0
+        packed = model(ids, mask=mask, packed=True)
+    torch.testing.assert_close(packed[mask], padded[mask], rtol=1e-10, atol=1e-10)
