@@ -252,11 +252,8 @@ class Block(nn.Module):
 
         self.attn = wrap(mixer)
         self.has_ffn = spec["ffn"] not in (None, "none")
-        self.ffn_takes_mask = False
         if self.has_ffn:
             ffn = build("ffn", spec["ffn"], path=f"{path}.ffn", reserved=("dim",), dim=dim)
-            # an FFN that mixes tokens' fates (MoE capacity) declares `takes_mask` to get the padding mask / seqlens
-            self.ffn_takes_mask = bool(getattr(type(ffn), "takes_mask", False))
             self.ffn = wrap(ffn)
         self.final_norm = type(self.attn).final_norm
 
@@ -264,7 +261,10 @@ class Block(nn.Module):
         x = self.attn(x, **kw)
         if not self.has_ffn:
             return x
-        fkw = {k: kw[k] for k in ("mask", "seqlens") if kw.get(k) is not None} if self.ffn_takes_mask else {}
+        # an FFN that couples tokens (MoE capacity) declares `takes_mask` and gets the padding mask / packed seqlens;
+        # looked up per call, since expert surgery (moefy) may swap the sublayer after the block was built
+        takes = getattr(type(getattr(self.ffn, "fn", None)), "takes_mask", False)
+        fkw = {k: kw[k] for k in ("mask", "seqlens") if kw.get(k) is not None} if takes else {}
         if self._fresh_after_attn():  # inference: the feed-forward adds into the token mixer's fresh output
             return self.ffn.add_into(x, **fkw)
         return self.ffn(x, **fkw)
