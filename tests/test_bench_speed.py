@@ -298,3 +298,21 @@ def test_table_shows_the_ratio_interval():
     row = {"row": "vit_forward", "peer": "HF ViT", "formers_images_per_s": 52.0, "peer_images_per_s": 50.0,
            "ratio": 1.04, "ratio_ci90": [0.97, 1.12]}
     assert "1.04x (0.97-1.12)" in speed.table({"rows": [row]}).splitlines()[-1]
+
+
+def test_results_rows_keep_the_machine_and_date_that_measured_them(tmp_path):
+    """A partial rerun (a sweep's `--only`, a resumed benchmark) rewrites the file's meta; each row keeps the
+    provenance of the run that measured it."""
+    from formers.bench.harness import load_rows, save
+
+    path = tmp_path / "r.json"
+    old = {"cpu": "AMD EPYC", "date": "2026-11-29T07:46:14+00:00", "command": "sweep.py", "threads": 2}
+    path.write_text(json.dumps({"meta": old, "rows": [{"config": "a", "val": 1.0}]}))  # written before the stamps
+    rows = load_rows(path)
+    assert rows[0]["measured"]["cpu"] == "AMD EPYC"
+    new = {"cpu": "Intel Xeon", "date": "2026-11-30T12:00:00+00:00", "command": "sweep.py --only b", "threads": 2}
+    save(path, new, rows + [{"config": "b", "val": 2.0}])
+    data = json.loads(path.read_text())
+    assert data["meta"]["cpu"] == "Intel Xeon"
+    assert [r["measured"]["cpu"] for r in data["rows"]] == ["AMD EPYC", "Intel Xeon"]
+    assert [r["measured"]["date"][:10] for r in load_rows(path)] == ["2026-11-29", "2026-11-30"]

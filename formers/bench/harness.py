@@ -126,14 +126,32 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+PROVENANCE = ("cpu", "threads", "torch", "date", "command", "peak_mm_gflops")
+
+
+def _provenance(meta_: dict[str, Any]) -> dict[str, Any]:
+    return {k: meta_[k] for k in PROVENANCE if k in meta_}
+
+
 def load_rows(path: Path) -> list[dict[str, Any]]:
-    if path.exists():
-        return json.loads(path.read_text()).get("rows", [])
-    return []
+    """The rows of a results file, each stamped (`measured`) with the machine, date and command of the run that
+    measured it: a resumed or partial rerun rewrites the file's `meta`, and must not relabel older rows."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    rows = data.get("rows", [])
+    for r in rows:
+        if isinstance(r, dict) and "measured" not in r and data.get("meta"):
+            r["measured"] = _provenance(data["meta"])
+    return rows
 
 
 def save(path: Path, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """Write results atomically (temp file + rename)."""
+    """Write results atomically (temp file + rename). `meta_` describes this run; rows without a `measured` stamp
+    (the ones this run made) get it from `meta_`, older rows keep theirs."""
+    for r in rows:
+        if isinstance(r, dict) and "measured" not in r:
+            r["measured"] = _provenance(meta_)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".json.tmp")
     with os.fdopen(fd, "w") as f:
