@@ -92,6 +92,29 @@ def test_resume_without_a_checkpoint_says_it_starts_over(tiny_recipe, tmp_path, 
     assert rows[-1].get("final") and not any(r.get("final") for r in rows[:-1])  # the old run's log is gone
 
 
+def test_a_resumed_runs_training_time_counts_every_session(tiny_recipe, tmp_path, monkeypatch):
+    """The first session runs on a clock that moves 100 s per reading, so its checkpointed time is far larger than
+    anything the short second session can take on the real clock: a resumed run that counted only its own session
+    would report seconds, not hundreds."""
+    import types
+
+    from formers.train import trainer
+
+    ticks = iter(range(0, 10 ** 6, 100))
+    monkeypatch.setattr(trainer, "time", types.SimpleNamespace(perf_counter=lambda: float(next(ticks))))
+    out = tmp_path / "run"
+    first = formers.fit(tiny_recipe, ["train.sample=false"], out=out)
+    saved = json.loads((list_checkpoints(out)[-1] / "meta.json").read_text())["train_seconds"]
+    assert 100 <= saved <= first["train_seconds"]
+    monkeypatch.undo()
+    t = time.perf_counter()
+    again = formers.fit(tiny_recipe, ["train.sample=false", "train.steps=30"], out=out, resume=True)
+    wall = time.perf_counter() - t
+    assert saved < again["train_seconds"] <= saved + wall
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert final["final"] and final["train_seconds"] == pytest.approx(again["train_seconds"])
+
+
 def test_weights_that_do_not_fit_are_refused(tmp_path):
     small = formers.create_model("lm", vocab=20, dim=16, depth=1)
     save_weights(small, tmp_path / "w.safetensors")

@@ -244,10 +244,14 @@ class Trainer:
 
     def _checkpoint_meta(self, best, bad) -> dict[str, Any]:
         meta = {"best": best, "bad": bad, "total": self.total, "world_size": self.dist.world,
-                "parallel": self.dist.parallel}
+                "parallel": self.dist.parallel, "train_seconds": self._seconds()}
         if self.scaler is not None:
             meta["grad_scaler"] = self.scaler.state_dict()
         return meta
+
+    def _seconds(self) -> float:
+        """Training time of the run so far: the checkpointed time of earlier sessions plus this one's."""
+        return self._prior_seconds + time.perf_counter() - self._started
 
     def fit(self) -> dict[str, Any]:
         tc, model, task, dist = self.tc, self.model, self.task, self.dist
@@ -260,10 +264,12 @@ class Trainer:
         data_gen = torch.Generator().manual_seed(tc.seed)
         metrics_path = self.run_dir / "metrics.jsonl"
         start, best, bad = 0, None, 0
+        self._prior_seconds, self._started = 0.0, time.perf_counter()
         ckpts = list_checkpoints(self.run_dir) if self.resume else []
         if ckpts:
             meta, rng = load_checkpoint(ckpts[-1], model, self.optimizer)
             start, best, bad = meta["step"], meta.get("best"), meta.get("bad", 0)
+            self._prior_seconds = float(meta.get("train_seconds", 0.0))  # a resumed run's time counts all sessions
             torch.set_rng_state(rng["torch"])
             data_gen.set_state(rng["data"])
             if "cuda" in rng and dist.device.type == "cuda":
@@ -289,7 +295,6 @@ class Trainer:
         log = open(metrics_path if dist.main else os.devnull, "a")  # rank 0 alone writes the log
         bar = _progress(self.total, start, tc.progress and dist.main)
         t0, tokens, loss_acc, n_acc = time.perf_counter(), 0, 0.0, 0
-        started = time.perf_counter()
         stopped_early = False
         done = start
         try:
@@ -368,8 +373,7 @@ class Trainer:
             load_weights(model, self.run_dir / "best.safetensors")
         save_weights(model, self.run_dir / "model.safetensors", write=dist.main)
         final = self._evaluate()
-        result = {"step": done, "final": True, **final,
-                  "train_seconds": time.perf_counter() - started}
+        result = {"step": done, "final": True, **final, "train_seconds": self._seconds()}
         sample = None
         if tc.sample and self._evaluates():
             with distributed.bridge_device(model, dist):
