@@ -316,3 +316,50 @@ def test_results_rows_keep_the_machine_and_date_that_measured_them(tmp_path):
     assert data["meta"]["cpu"] == "Intel Xeon"
     assert [r["measured"]["cpu"] for r in data["rows"]] == ["AMD EPYC", "Intel Xeon"]
     assert [r["measured"]["date"][:10] for r in load_rows(path)] == ["2026-11-29", "2026-11-30"]
+
+
+VIT_NOT_MAPPED = {  # vit_tiny options -> what the reason must name
+    "avg_pool": ({}, "class token"),
+    "rope": ({"global_pool": "token", "pos_embed": "rope"}, "positions"),
+    "drop_path": ({"global_pool": "token", "drop_path": 0.1}, "drop path"),
+    "layer_scale": ({"global_pool": "token", "layer_scale": 1e-5}, "layer scale"),
+}
+
+
+def test_vit_recipes_map_onto_hf_vit_or_say_why():
+    pytest.importorskip("transformers")
+    import formers
+
+    torch.manual_seed(0)
+    ours = formers.create_model("vit_tiny", dim=64, depth=2, heads=4, global_pool="token").eval()
+    _perturb(ours)
+    peer, why = speed.hf_vit_peer_of(ours)
+    assert peer is not None, why
+    speed.vit_into_hf(ours, peer)
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), peer(pixel_values=x).logits, rtol=0, atol=1e-5)
+    for opts, needle in VIT_NOT_MAPPED.values():
+        peer, why = speed.hf_vit_peer_of(formers.create_model("vit_tiny", dim=64, depth=2, heads=4, **opts))
+        assert peer is None and needle in why, (opts, why)
+    peer, why = speed.hf_vit_peer_of(formers.create_model("cct_tiny"))
+    assert peer is None and "CCT" in why
+
+
+def test_image_recipe_row_times_a_training_step_against_hf_vit(tmp_path):
+    pytest.importorskip("transformers")
+    import yaml
+
+    (tmp_path / "vit.yaml").write_text(yaml.safe_dump(
+        {"model": {"name": "vit_tiny", "dim": 32, "depth": 1, "heads": 2, "global_pool": "token"},
+         "task": {"name": "image_classification", "dataset": "fashion_mnist"}, "train": {"batch_size": 4}}))
+    (r,) = speed.row_recipe(str(tmp_path / "vit.yaml"), 3, 1, 100.0, lambda s: None)
+    assert r["peer"] == "HF ViT" and r["logits_max_abs_diff"] <= 1e-5 and r["image_size"] == 28
+    assert len(r["formers_runs"]) == len(r["peer_runs"]) == 3 and r["formers_images_per_s"] > 0
+    assert "| HF ViT |" in speed.table({"rows": [r]})
+
+
+def test_a_missing_recipe_fails_before_any_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(speed, "meta", lambda *a, **k: pytest.fail("timing started"))
+    with pytest.raises(FormersError, match="does not exist"):
+        speed.main(["--rows", "--recipe", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o.json")])

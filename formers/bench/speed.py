@@ -16,9 +16,10 @@ the same thread count; "same model" shown by equal parameter counts and, where t
   preallocated 2048x2048 fp32 tensors, taken just before; model FLOPs per token = 6 x (matmul weights including the
   output projection, excluding embedding lookups) + 6 x layers x seq x dim (causal attention).
 
-`--recipe NAME` adds a training-step row for a recipe's own model at its batch size and sequence length, timed against
-x-transformers when the model maps onto its Decoder (Pre-LN softmax attention, an MLP or GLU, bias-free LayerNorm or
-RMSNorm, learned or no positions; weights copied in and logits checked equal); otherwise the row says why not.
+`--recipe NAME` adds a training-step row for a recipe's own model at its batch size and sequence length (LMs) or image
+size (image classifiers), timed against x-transformers when an LM maps onto its Decoder (Pre-LN softmax attention, an
+MLP or GLU, bias-free LayerNorm or RMSNorm, learned or no positions) and against HF's ViT when an image model is the
+plain ViT (`hf_vit_peer_of`); weights copied in and logits checked equal; otherwise the row says why not.
 """
 
 from __future__ import annotations
@@ -316,13 +317,67 @@ def formers_vit():
     return formers.create_model("vit_tiny_patch16_224", num_classes=1000).eval()
 
 
-def hf_vit():
+def hf_vit(dim: int = 192, depth: int = 12, heads: int = 3, hidden: int = 768, img_size: int = 224,
+           patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000, eps: float = 1e-6):
     from transformers import ViTConfig, ViTForImageClassification
 
-    cfg = ViTConfig(hidden_size=192, num_hidden_layers=12, num_attention_heads=3, intermediate_size=768,
-                    image_size=224, patch_size=16, num_labels=1000, layer_norm_eps=1e-6, qkv_bias=True,
-                    hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="sdpa")
+    cfg = ViTConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=hidden,
+                    image_size=img_size, patch_size=patch_size, num_channels=in_chans, num_labels=num_classes,
+                    layer_norm_eps=eps, qkv_bias=True, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                    attn_implementation="sdpa")
     return ViTForImageClassification(cfg).eval()
+
+
+def hf_vit_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
+    """HF's ViTForImageClassification with the same architecture as a formers ViT, or (None, why not): the plain
+    ViT of the paper (class token pooling, learned positions, Pre-LN softmax attention with qkv bias, GELU MLP,
+    every layer alike, no layer scale, drop path, TAP, ADL or ATS)."""
+    from formers.blocks import Block, PreNorm
+    from formers.models.vision.vit import ViT
+    from formers.nn.act import GELU
+    from formers.nn.attention import SoftmaxAttention
+    from formers.nn.ffn import MLP
+    from formers.nn.vision import LearnedPosition2d
+    from formers.stacks import _layout
+
+    if type(ours) is not ViT:
+        return None, f"{type(ours).__name__} is not the plain ViT that HF's ViTForImageClassification is"
+    if ours.cls_token is None or ours.global_pool != "token" or not isinstance(ours.fc_norm, torch.nn.Identity):
+        return None, "global average pooling; HF's ViT classifies from the class token (global_pool: token)"
+    if type(ours.pos) is not LearnedPosition2d:
+        return None, f"positions {ours.pos_kind}; HF's ViT has learned absolute positions"
+    if ours.tap_scales > 1 or ours.adl_weight > 0 or ours.ats:
+        return None, "TAP, ADL or ATS; HF's ViT has none of them"
+    from formers.blocks import AddResidual
+
+    blocks = list(getattr(ours.stack, "blocks", []))
+    if len(blocks) != ours.depth or any(type(b) is not Block for b in blocks) \
+            or getattr(ours.stack, "num_applications", ours.depth) != ours.depth:
+        return None, "a shared or looped stack; HF's ViT has one set of weights per layer"
+    if any(type(sub.residual) is not AddResidual for b in blocks for sub in (b.attn, b.ffn)):
+        return None, "layer scale, drop path or a gated residual; HF's ViT adds each sublayer's output as it is"
+    first = _layout(blocks[0])
+    if any(_layout(b) != first for b in blocks[1:]):
+        return None, "its layers differ from one another"
+    b = blocks[0]
+    attn, ffn, norm = b.attn.fn, b.ffn.fn, b.attn.norm
+    if type(b.attn) is not PreNorm or type(b.ffn) is not PreNorm or not isinstance(norm, torch.nn.LayerNorm) \
+            or norm.bias is None:
+        return None, "not Pre-LN with LayerNorm (and bias), as HF's ViT"
+    if type(attn) is not SoftmaxAttention or attn.q.bias is None or attn.kv_heads != attn.heads \
+            or attn.head_dim * attn.heads != ours.dim or attn.scale != attn.head_dim ** -0.5:
+        return None, "attention other than softmax with qkv bias over dim / heads wide heads, as HF's ViT"
+    if type(ffn) is not MLP or type(ffn.act) is not GELU or ffn.act.approximate != "none" or ffn.fc1.bias is None:
+        return None, "an FFN other than the GELU MLP with biases of HF's ViT"
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in ours.modules()):
+        return None, "dropout > 0 (set the recipe's dropouts to 0 to compare)"
+    if not isinstance(ours.head, torch.nn.Linear):
+        return None, "no classification head (num_classes: 0)"
+    peer = hf_vit(ours.dim, ours.depth, attn.heads, ffn.fc1.out_features, ours.img_size, ours.patch_size,
+                  ours.in_chans, ours.num_classes, norm.eps)
+    if n_params(peer) != n_params(ours):
+        return None, f"HF's ViT of this config has {n_params(peer):,} parameters against {n_params(ours):,}"
+    return peer, ""
 
 
 @torch.no_grad()
@@ -375,6 +430,25 @@ class TrainStep:
         logits = self.model(self.x[:, :-1])
         loss = F.cross_entropy(logits.reshape(-1, self.vocab), self.x[:, 1:].reshape(-1))
         loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class ImageTrainStep:
+    """One AdamW training step of an image classifier on a fixed random batch; `hf=True` for HF's
+    `model(pixel_values=...).logits` call."""
+
+    def __init__(self, model, batch: int, in_chans: int, img_size: int, num_classes: int, hf: bool = False,
+                 seed: int = 0):
+        self.model, self.hf = model.train(), hf
+        self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch, in_chans, img_size, img_size, generator=g)
+        self.y = torch.randint(0, num_classes, (batch,), generator=g)
+
+    def __call__(self):
+        logits = self.model(pixel_values=self.x).logits if self.hf else self.model(self.x)
+        F.cross_entropy(logits, self.y).backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
@@ -600,11 +674,13 @@ def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> l
     seq = int(task.get("seq_len", SEQ))
     batch = int((cfg.get("train") or {}).get("batch_size", BATCH))
     name = mc.pop("name")
-    if name != "lm":
-        raise FormersError(f"bench speed --recipe: only language-model recipes (model.name: lm) are timed so far; "
-                           f"{recipe} builds '{name}'")
     torch.manual_seed(0)
     ours = formers.create_model(name, **mc)
+    if name != "lm":
+        if all(hasattr(ours, a) for a in ("img_size", "in_chans", "num_classes")):
+            return _row_recipe_images(recipe, ours, batch, reps, steps, log)
+        raise FormersError(f"bench speed --recipe: only language-model (model.name: lm) and image-classification "
+                           f"recipes are timed so far; {recipe} builds '{name}'")
     vocab = ours.vocab if hasattr(ours, "vocab") else ours.embed.num_embeddings
     peer, why = xt_peer_of(ours)
     r: dict[str, Any] = {"row": "recipe", "recipe": recipe, "peer": "x-transformers" if peer is not None else None,
@@ -635,6 +711,41 @@ def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> l
     r["formers_mfu"] = round(r["formers_tokens_per_s"] * fpt / (peak_gflops * 1e9), 4)
     log(f"recipe {recipe}: formers {r['formers_tokens_per_s']:.0f} tok/s (MFU {r['formers_mfu']:.1%})"
         + (f"  x-transformers {r['peer_tokens_per_s']:.0f} tok/s  x{r['ratio']:.2f}" if peer is not None else ""))
+    return [r]
+
+
+def _row_recipe_images(recipe: str, ours, batch: int, reps: int, steps: int, log) -> list[dict]:
+    """An image-classification recipe: training-step images/s at its batch size and image size, against HF's
+    ViTForImageClassification on the same model where it maps (`hf_vit_peer_of`; weights copied, logits equal).
+    No MFU: the issue's FLOPs formula is the LM's."""
+    size, chans, classes = ours.img_size, ours.in_chans, ours.num_classes
+    try:
+        peer, why = hf_vit_peer_of(ours)
+    except ImportError:
+        peer, why = None, "HF transformers is not installed"
+    r: dict[str, Any] = {"row": "recipe", "recipe": recipe, "peer": "HF ViT" if peer is not None else None,
+                         "params": n_params(ours), "batch": batch, "image_size": size}
+    if peer is not None:
+        vit_into_hf(ours, peer)
+        x = torch.randn(2, chans, size, size, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            r["logits_max_abs_diff"] = check_equal(ours.eval()(x), peer.eval()(pixel_values=x).logits,
+                                                   f"recipe {recipe}: formers vs HF ViT logits")
+    else:
+        log(f"recipe {recipe}: no HF ViT row: {why}")
+        r["no_peer_because"] = why
+    sides = {"formers": ImageTrainStep(ours, batch, chans, size, classes)}
+    if peer is not None:
+        sides["peer"] = ImageTrainStep(peer, batch, chans, size, classes, hf=True)
+    pf: dict[str, list[int]] = {}
+    times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps, faults=pf)
+    work = steps * batch
+    if peer is not None:
+        r.update(_summary(times, work, "images_per_s", pf, per=steps))
+    else:
+        r["formers_images_per_s"] = round(work / statistics.median(times["formers"]), 2)
+    log(f"recipe {recipe}: formers {r['formers_images_per_s']:.1f} img/s (training step)"
+        + (f"  HF ViT {r['peer_images_per_s']:.1f} img/s  x{r['ratio']:.2f}" if peer is not None else ""))
     return [r]
 
 
@@ -753,7 +864,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="formers bench speed", description="formers against x-transformers and HF "
                                  "transformers on the same models: ratios measured in one process (issue 10).")
     ap.add_argument("--rows", nargs="*", default=list(ROWS), help=f"default: {' '.join(ROWS)}")
-    ap.add_argument("--recipe", action="append", default=[], help="also time a recipe's own LM (repeatable)")
+    ap.add_argument("--recipe", action="append", default=[],
+                    help="also time a recipe's own LM or image classifier, training steps (repeatable)")
     ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions per row (median; >= 7)")
     ap.add_argument("--steps", type=int, default=4, help="training steps per repetition")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
@@ -768,6 +880,11 @@ def main(argv: list[str] | None = None) -> int:
     if a.reps < 1 or a.steps < 1:
         raise FormersError("bench speed: --reps and --steps must be >= 1 (the issue asks for >= 7 repetitions)")
     out = out_path(a.out, "peers_speed.json", "bench speed")  # checked before minutes of timing
+    if a.recipe:
+        from formers.config import load_recipe
+
+        for rec in a.recipe:  # a missing or broken recipe fails now, not after the standard rows
+            load_recipe(rec)
     if a.threads:
         torch.set_num_threads(a.threads)
     cmd = " ".join(["formers bench speed", *(sys.argv[1:] if argv is None else argv)]).replace(
