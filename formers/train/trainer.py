@@ -554,9 +554,12 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None):
     if not isinstance(cfg, dict):
         raise FormersError(f"{d / 'config.yaml'} is not a run config (expected sections name, model, task, train); "
                            "the file is corrupt: restore it or train again")
-    cfg = C.validate_sections(cfg)
-    task = build_task(cfg["task"])
-    model = build_model(cfg["model"], task.model_defaults())
+    try:
+        cfg = C.validate_sections(cfg)
+        task = build_task(cfg["task"])
+        model = build_model(cfg["model"], task.model_defaults())
+    except FormersError as e:  # a config.yaml edited by hand (or from another formers version): say which file
+        raise FormersError(f"{d / 'config.yaml'}: {e}") from None
     if (d / "model.safetensors").exists():
         load_weights(model, d / "model.safetensors")
     elif list_checkpoints(d):
