@@ -272,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
             model = formers.load_run(tmp / r["model"])
             r["images_per_s"] = round(images_per_s(model.fuse(), model.in_chans, model.img_size), 1)
             r["threads"] = a.threads
+            r.pop("measured", None)  # re-measured here: save stamps it with this run's machine and date
             print(f"{r['model']}: {r['images_per_s']:.0f} images/s", flush=True)
         names = []
         save(out, m, rows)

@@ -316,6 +316,10 @@ def test_results_rows_keep_the_machine_and_date_that_measured_them(tmp_path):
     assert data["meta"]["cpu"] == "Intel Xeon"
     assert [r["measured"]["cpu"] for r in data["rows"]] == ["AMD EPYC", "Intel Xeon"]
     assert [r["measured"]["date"][:10] for r in load_rows(path)] == ["2026-11-29", "2026-11-30"]
+    # rows of a file without meta are of unknown provenance, not this run's
+    path.write_text(json.dumps({"rows": [{"config": "c"}]}))
+    save(path, new, load_rows(path))
+    assert json.loads(path.read_text())["rows"][0]["measured"] == {"unknown": True}
 
 
 VIT_NOT_MAPPED = {  # vit_tiny options -> what the reason must name
@@ -323,6 +327,8 @@ VIT_NOT_MAPPED = {  # vit_tiny options -> what the reason must name
     "rope": ({"global_pool": "token", "pos_embed": "rope"}, "positions"),
     "drop_path": ({"global_pool": "token", "drop_path": 0.1}, "drop path"),
     "layer_scale": ({"global_pool": "token", "layer_scale": 1e-5}, "layer scale"),
+    "attention_dropout": ({"global_pool": "token", "block": {"mixer": {"name": "softmax", "dropout": 0.1}}},
+                          "dropout"),
 }
 
 

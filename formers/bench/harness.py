@@ -140,15 +140,16 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
         return []
     data = json.loads(path.read_text())
     rows = data.get("rows", [])
-    for r in rows:
-        if isinstance(r, dict) and "measured" not in r and data.get("meta"):
-            r["measured"] = _provenance(data["meta"])
+    for r in rows:  # rows of a file without meta: unknown, not this run's (save would otherwise stamp them)
+        if isinstance(r, dict) and "measured" not in r:
+            r["measured"] = _provenance(data["meta"]) if data.get("meta") else {"unknown": True}
     return rows
 
 
 def save(path: Path, meta_: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """Write results atomically (temp file + rename). `meta_` describes this run; rows without a `measured` stamp
-    (the ones this run made) get it from `meta_`, older rows keep theirs."""
+    (the ones this run made) get it from `meta_`, older rows keep theirs: a caller that re-measures a loaded row in
+    place drops its stamp first (`row.pop("measured")`)."""
     for r in rows:
         if isinstance(r, dict) and "measured" not in r:
             r["measured"] = _provenance(meta_)

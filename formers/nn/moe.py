@@ -268,8 +268,8 @@ class MoE(nn.Module):
         T = xt.shape[0]
         logits = self.gate_logits(xt)  # (T, E)
         index, gates = route(logits, self.k, self.combine)  # (T, k) each
-        valid = mask.reshape(-1).bool() if mask is not None and x.dim() == 3 and mask.shape == shape[:2] else None
-        if self.training or torch.is_grad_enabled():
+        valid = self._valid(x, mask)
+        if (self.training or torch.is_grad_enabled()) and (valid is None or bool(valid.any())):
             lg, ix = (logits, index) if valid is None else (logits[valid], index[valid])
             probs = torch.softmax(_wide(lg), dim=-1)
             if self.aux == "switch" and self.balance_weight:
@@ -293,6 +293,17 @@ class MoE(nn.Module):
         y = y * gates[tok, slot].unsqueeze(-1).to(y.dtype)
         out = torch.zeros_like(xt).index_add_(0, tok, y)
         return self.drop(out.view(shape))
+
+    @staticmethod
+    def _valid(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """(T,) bool: which rows of x are real tokens. A key mask longer than x (B, past + N: decoding with a cache)
+        describes x by its last N columns."""
+        if mask is None:
+            return None
+        if x.dim() != 3 or mask.dim() != 2 or mask.shape[0] != x.shape[0] or mask.shape[1] < x.shape[1]:
+            raise FormersError(f"moe: the padding mask must be (batch, tokens) = {tuple(x.shape[:2])} (or longer, "
+                               f"with cached tokens first), got {tuple(mask.shape)} for input {tuple(x.shape)}")
+        return mask[:, mask.shape[1] - x.shape[1]:].reshape(-1).bool()
 
     @staticmethod
     def _arrival(x: torch.Tensor, valid: torch.Tensor | None, seqlens: torch.Tensor | None) -> torch.Tensor | None:

@@ -411,3 +411,43 @@ def test_encoder_with_binding_capacity_packed_equals_padded():
         assert sum(mod.last_dropped for mod in model.modules() if isinstance(mod, MoE)) > 0
         packed = model(ids, mask=mask, packed=True)
     torch.testing.assert_close(packed[mask], padded[mask], rtol=1e-10, atol=1e-10)
+
+
+def test_mask_edge_cases():
+    m = moe(experts=4, k=2, capacity_factor=0.5, eval_capacity_factor=0.5, z_weight=0.01).train()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    from formers.nn.hooks import aux_losses, clear_aux
+
+    clear_aux(m)  # all padding: nothing routed, no auxiliary loss (it would be a mean over no tokens: NaN)
+    assert torch.equal(m(x, mask=torch.zeros(2, 5, dtype=torch.bool)), torch.zeros_like(x))
+    assert aux_losses(m) == {} and m.last_dropped == 0
+    with pytest.raises(FormersError, match="padding mask must be"):  # a mask that describes other tokens
+        m(x, mask=torch.ones(2, 4, dtype=torch.bool))
+    # decoding with a cache: the key mask covers cached + new tokens, and the new ones are its last columns
+    m.eval()
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], dtype=torch.bool)
+    torch.testing.assert_close(m(x[:, :2], mask=mask[:, :8]), m(x[:, :2], mask=mask[:, 6:]), rtol=0, atol=0)
+
+
+def test_chunked_prefill_with_padding_ignores_what_the_padding_holds():
+    """A cached LM fed in two chunks with a (B, past + N) key mask: row 0's padding ids change nothing in row 1
+    (with the mask ignored, the padding takes capacity and row 1's logits move by ~5e-2)."""
+    torch.manual_seed(0)
+    ffn = {"name": "moe", "experts": 4, "k": 1, "eval_capacity_factor": 1.0}
+    model = formers.create_model("lm", vocab=50, dim=32, depth=1, max_len=32,
+                                 block={"mixer": {"name": "softmax", "heads": 2}, "ffn": ffn}).eval()
+    idx = torch.randint(0, 50, (2, 8))
+    mask = torch.ones(2, 8, dtype=torch.bool)
+    mask[0, 6:] = False
+
+    def run(ids):
+        with torch.no_grad():
+            cache = model.new_cache()
+            model(ids[:, :4], cache=cache, mask=mask[:, :4])
+            return model(ids[:, 4:], cache=cache, mask=mask)[1]
+
+    ref = run(idx)
+    for seed in range(20):  # different padding ids route differently; none may reach row 1
+        other = idx.clone()
+        other[0, 6:] = torch.randint(0, 50, (2,), generator=torch.Generator().manual_seed(seed))
+        torch.testing.assert_close(run(other), ref, rtol=0, atol=0)
