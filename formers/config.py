@@ -47,14 +47,23 @@ def load_recipe(recipe: str | Path) -> dict[str, Any]:
         *folders, stem = str(recipe).split("/")
         text = (resources.files("formers") / "recipes").joinpath(*folders, f"{stem}.yaml").read_text()
         name = str(recipe)
+    cfg = parse_sections(text, f"recipe {recipe}")
+    cfg.setdefault("name", name)
+    return validate_sections(cfg)
+
+
+def parse_sections(text: str, where: str) -> dict[str, Any]:
+    """YAML text that must be a mapping of sections (a recipe, a run folder's config.yaml); one-line errors naming
+    `where` and, for a syntax error, the line and column."""
     try:
         cfg = load_yaml(text) or {}
     except yaml.YAMLError as e:
-        raise FormersError(f"recipe {recipe}: invalid YAML: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise FormersError(f"{where}: invalid YAML{at}: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict):
-        raise FormersError(f"recipe {recipe}: expected a mapping with sections {', '.join(SECTIONS[1:])}")
-    cfg.setdefault("name", name)
-    return validate_sections(cfg)
+        raise FormersError(f"{where}: expected a mapping with sections {', '.join(SECTIONS[1:])}")
+    return cfg
 
 
 def validate_sections(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -44,7 +44,7 @@ def test_train_eval_generate(tiny_recipe, tmp_path, capsys):
         err = capsys.readouterr().err
         assert msg in err and len(err.strip().splitlines()) == 1
     # a run folder whose config.yaml is not a mapping, or not YAML
-    for text, msg in (("garbage\n", "not a run config"), ("model: [1\n", "invalid YAML at line 2"),
+    for text, msg in (("garbage\n", "config.yaml: expected a mapping"), ("model: [1\n", "invalid YAML at line 2"),
                       ("model: lm\n", "config.yaml: task: needs a 'name'")):
         (out / "config.yaml").write_text(text)
         assert main(["eval", str(out)]) == 2

@@ -110,6 +110,25 @@ def xt_lm(max_len: int = SEQ, flash: bool = False, dim: int = DIM, depth: int = 
                               attn_layers=Decoder(dim=dim, depth=depth, heads=heads, attn_flash=flash))
 
 
+def _uniform_layers(ours: torch.nn.Module, blocks: list, attn: torch.nn.Module) -> str:
+    """Why a peer that repeats one plain layer (x-transformers' Decoder, HF's ViT) cannot be the same model as
+    `ours`, or "" when it can so far: one set of weights per layer applied once, identical layers (module types,
+    scalar settings such as heads, eps and scale, parameter shapes: `stacks._layout`), no active dropout (the
+    peers place theirs elsewhere, or not at all, so the steps would not do the same work)."""
+    from formers.stacks import _layout
+
+    runs = getattr(ours.stack, "num_applications", len(blocks))
+    if runs != len(blocks):
+        return (f"its stack runs {runs} layers with {len(blocks)} blocks of weights (shared or looped); the peer has "
+                "one set per layer")
+    first = _layout(blocks[0])
+    if any(_layout(b) != first for b in blocks[1:]):
+        return "its layers differ from one another (the peer repeats one layer)"
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in ours.modules()) or getattr(attn, "dropout", 0):
+        return "dropout > 0; the peer places its dropouts elsewhere (set the recipe's dropouts to 0 to compare)"
+    return ""
+
+
 def xt_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     """x-transformers' `TransformerWrapper(Decoder)` with the same architecture as a formers LM, read off the built
     modules: Pre-LN blocks of softmax attention (no qkv bias) and an MLP or GLU, LayerNorm without bias (x-t's
@@ -126,18 +145,9 @@ def xt_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     blocks = [m for m in ours.modules() if isinstance(m, Block)]
     if not blocks or not hasattr(ours, "embed") or not hasattr(ours, "head"):
         return None, "not a formers language model"
-    from formers.stacks import _layout
-
-    if getattr(ours.stack, "num_applications", len(blocks)) != len(blocks):
-        return None, (f"its stack runs {ours.stack.num_applications} layers with {len(blocks)} blocks of weights "
-                      "(shared or looped); x-transformers' Decoder has one set per layer")
-    first = _layout(blocks[0])  # module types, scalar settings (heads, eps, scale, ...), parameter shapes
-    if any(_layout(b) != first for b in blocks[1:]):
-        return None, "its layers differ from one another (x-transformers' Decoder repeats one layer)"
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in ours.modules()) or getattr(blocks[0].attn.fn,
-                                                                                              "dropout", 0):
-        return None, ("dropout > 0; x-transformers places its dropouts elsewhere, so the steps would not do the same "
-                      "work (set the recipe's dropouts to 0 to compare)")
+    why = _uniform_layers(ours, blocks, blocks[0].attn.fn)
+    if why:
+        return None, why
     b = blocks[0]
     attn, ffn, norm = b.attn.fn, b.ffn.fn, b.attn.norm
     if type(b.attn) is not PreNorm or type(b.ffn) is not PreNorm:
@@ -332,13 +342,12 @@ def hf_vit_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     """HF's ViTForImageClassification with the same architecture as a formers ViT, or (None, why not): the plain
     ViT of the paper (class token pooling, learned positions, Pre-LN softmax attention with qkv bias, GELU MLP,
     every layer alike, no layer scale, drop path, TAP, ADL or ATS)."""
-    from formers.blocks import Block, PreNorm
+    from formers.blocks import AddResidual, Block, PreNorm
     from formers.models.vision.vit import ViT
     from formers.nn.act import GELU
     from formers.nn.attention import SoftmaxAttention
     from formers.nn.ffn import MLP
     from formers.nn.vision import LearnedPosition2d
-    from formers.stacks import _layout
 
     if type(ours) is not ViT:
         return None, f"{type(ours).__name__} is not the plain ViT that HF's ViTForImageClassification is"
@@ -348,17 +357,12 @@ def hf_vit_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
         return None, f"positions {ours.pos_kind}; HF's ViT has learned absolute positions"
     if ours.tap_scales > 1 or ours.adl_weight > 0 or ours.ats:
         return None, "TAP, ADL or ATS; HF's ViT has none of them"
-    from formers.blocks import AddResidual
-
-    blocks = list(getattr(ours.stack, "blocks", []))
-    if len(blocks) != ours.depth or any(type(b) is not Block for b in blocks) \
-            or getattr(ours.stack, "num_applications", ours.depth) != ours.depth:
-        return None, "a shared or looped stack; HF's ViT has one set of weights per layer"
+    blocks = [m for m in ours.stack.modules() if isinstance(m, Block)]
     if any(type(sub.residual) is not AddResidual for b in blocks for sub in (b.attn, b.ffn)):
         return None, "layer scale, drop path or a gated residual; HF's ViT adds each sublayer's output as it is"
-    first = _layout(blocks[0])
-    if any(_layout(b) != first for b in blocks[1:]):
-        return None, "its layers differ from one another"
+    why = _uniform_layers(ours, blocks, blocks[0].attn.fn)
+    if why:
+        return None, why
     b = blocks[0]
     attn, ffn, norm = b.attn.fn, b.ffn.fn, b.attn.norm
     if type(b.attn) is not PreNorm or type(b.ffn) is not PreNorm or not isinstance(norm, torch.nn.LayerNorm) \
@@ -369,8 +373,6 @@ def hf_vit_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
         return None, "attention other than softmax with qkv bias over dim / heads wide heads, as HF's ViT"
     if type(ffn) is not MLP or type(ffn.act) is not GELU or ffn.act.approximate != "none" or ffn.fc1.bias is None:
         return None, "an FFN other than the GELU MLP with biases of HF's ViT"
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in ours.modules()) or getattr(attn, "dropout", 0):
-        return None, "dropout > 0 (set the recipe's dropouts to 0 to compare)"
     if not isinstance(ours.head, torch.nn.Linear):
         return None, "no classification head (num_classes: 0)"
     peer = hf_vit(ours.dim, ours.depth, attn.heads, ffn.fc1.out_features, ours.img_size, ours.patch_size,
@@ -426,15 +428,17 @@ class TrainStep:
         self.x = torch.randint(0, vocab, (batch, seq + 1), generator=g)
         self.vocab = vocab
 
-    def __call__(self):
+    def loss(self) -> torch.Tensor:
         logits = self.model(self.x[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, self.vocab), self.x[:, 1:].reshape(-1))
-        loss.backward()
+        return F.cross_entropy(logits.reshape(-1, self.vocab), self.x[:, 1:].reshape(-1))
+
+    def __call__(self):
+        self.loss().backward()
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
 
 
-class ImageTrainStep:
+class ImageTrainStep(TrainStep):
     """One AdamW training step of an image classifier on a fixed random batch; `hf=True` for HF's
     `model(pixel_values=...).logits` call."""
 
@@ -446,11 +450,9 @@ class ImageTrainStep:
         self.x = torch.randn(batch, in_chans, img_size, img_size, generator=g)
         self.y = torch.randint(0, num_classes, (batch,), generator=g)
 
-    def __call__(self):
+    def loss(self) -> torch.Tensor:
         logits = self.model(pixel_values=self.x).logits if self.hf else self.model(self.x)
-        F.cross_entropy(logits, self.y).backward()
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        return F.cross_entropy(logits, self.y)
 
 
 def _summary(times: dict[str, list[float]], work: float, unit: str, faults: dict[str, list[int]] | None = None,

@@ -173,7 +173,7 @@ def check_same_recipe(saved: Path, cfg: dict[str, Any]) -> None:
     """--resume: the recipe must be the one the run folder's config.yaml recorded, but for how the run is run."""
     if not saved.exists():
         return
-    old = C.yaml.safe_load(saved.read_text())
+    old = C.parse_sections(saved.read_text(), str(saved))
     a, b = dict(old), dict(cfg)
     a["train"] = {k: v for k, v in a.get("train", {}).items() if k not in EXECUTION_OPTIONS}
     b["train"] = {k: v for k, v in b.get("train", {}).items() if k not in EXECUTION_OPTIONS}
@@ -545,21 +545,14 @@ def load_run(run_dir: str | Path, checkpoint: str | None = None):
     d = Path(run_dir)
     if not (d / "config.yaml").exists():
         raise FormersError(f"{d} is not a run folder (no config.yaml); give the folder `formers train` wrote")
-    try:
-        cfg = C.yaml.safe_load((d / "config.yaml").read_text())
-    except C.yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        raise FormersError(f"{d / 'config.yaml'}: invalid YAML{where}: {str(e).splitlines()[0]}") from None
-    if not isinstance(cfg, dict):
-        raise FormersError(f"{d / 'config.yaml'} is not a run config (expected sections name, model, task, train); "
-                           "the file is corrupt: restore it or train again")
-    try:
+    path = d / "config.yaml"
+    cfg = C.parse_sections(path.read_text(), str(path))
+    try:  # a config.yaml edited by hand (or from another formers version): every error names the file
         cfg = C.validate_sections(cfg)
         task = build_task(cfg["task"])
         model = build_model(cfg["model"], task.model_defaults())
-    except FormersError as e:  # a config.yaml edited by hand (or from another formers version): say which file
-        raise FormersError(f"{d / 'config.yaml'}: {e}") from None
+    except FormersError as e:
+        raise FormersError(f"{path}: {e}") from None
     if (d / "model.safetensors").exists():
         load_weights(model, d / "model.safetensors")
     elif list_checkpoints(d):
