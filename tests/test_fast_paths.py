@@ -934,3 +934,87 @@ def test_generate_refuses_meaningless_sampling_settings():
         with pytest.raises(FormersError, match=msg):
             model.generate(idx, 4, **kw)
     assert model.generate(idx, 4, top_k=100, top_p=1.0).shape == (1, 7)  # top_k above the vocabulary: no cut
+
+
+def naive_causal(q, k, v, scale):
+    """softmax(q k^T * scale, causal mask) v with the scores materialised, per (batch, head)."""
+    n = q.shape[-2]
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("shape,block", [((2, 3, 37, 8), 8), ((2, 2, 64, 16), 32), ((1, 1, 5, 4), 2),
+                                         ((2, 2, 40, 8), 64), ((3, 1, 24, 8), 1)])
+def test_block_causal_attention_equals_naive_attention(shape, block):
+    """Values and q/k/v gradients of the block-causal kernel equal a naive masked softmax, float64: blocks that
+    divide N, a ragged last block (37 = 4 x 8 + 5), one block (64 >= 40) and one query per block."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(*shape, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(*shape, dtype=torch.float64)
+    y = attention.BlockCausalAttention.apply(q, k, v, 0.3, block)
+    ours = torch.autograd.grad(y, (q, k, v), g)
+    ref = naive_causal(q, k, v, 0.3)
+    theirs = torch.autograd.grad(ref, (q, k, v), g)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=1e-12)
+    for a, b, n in zip(ours, theirs, "qkv"):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12, msg=f"d{n}")
+
+
+def _count_blocks(monkeypatch):
+    calls = []
+    real = attention.BlockCausalAttention.apply
+    monkeypatch.setattr(attention.BlockCausalAttention, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
+    return calls
+
+
+def test_block_causal_lm_training_step_equals_sdpa(monkeypatch):
+    """A whole LM training step (cross-entropy, backward, AdamW) through the block-causal path (taken by both
+    layers) gives SDPA's loss, gradients and updated weights; with the length outside CAUSAL_BLOCKS_LEN, or in
+    evaluation without autograd, SDPA runs."""
+    calls = _count_blocks(monkeypatch)
+
+    def step(lo, hi):
+        monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (lo, hi))
+        monkeypatch.setattr(attention, "CAUSAL_BLOCK", 5)
+        torch.manual_seed(0)
+        lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).double().train()
+        opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+        ids = torch.randint(0, 40, (3, 24))
+        loss = torch.nn.functional.cross_entropy(lm(ids[:, :-1]).reshape(-1, 40), ids[:, 1:].reshape(-1))
+        loss.backward()
+        g = {n: p.grad.clone() for n, p in lm.named_parameters()}
+        opt.step()
+        return loss.item(), g, {n: p.detach().clone() for n, p in lm.named_parameters()}
+
+    l1, g1, w1 = step(10, 30)
+    assert calls == [(3, 4, 23, 8)] * 2
+    l2, g2, w2 = step(24, 30)  # 23 tokens: below the range
+    assert len(calls) == 2
+    assert abs(l1 - l2) < 1e-12
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-10, rtol=1e-10, msg=n)
+        torch.testing.assert_close(w1[n], w2[n], atol=1e-10, rtol=1e-10, msg=n)
+    lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).double()
+    monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (10, 30))
+    with torch.no_grad():
+        lm(torch.randint(0, 40, (2, 20)))
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("why", ["dropout", "gqa", "mask", "bidirectional"])
+def test_block_causal_is_off_where_it_does_not_apply(why, monkeypatch):
+    """Attention dropout, grouped key/value heads, a key-padding mask and bidirectional attention keep SDPA (the
+    block kernel has none of them); the output still equals the naive reference where it is deterministic."""
+    calls = _count_blocks(monkeypatch)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (8, 64))
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
+    kw = {"dropout": {"dropout": 0.1}, "gqa": {"kv_heads": 2}, "mask": {}, "bidirectional": {"causal": False}}[why]
+    torch.manual_seed(0)
+    m = make(**kw).train()
+    x = torch.randn(2, 16, 24, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 16, dtype=torch.bool) if why == "mask" else None
+    y = m(x, mask=mask)
+    y.sum().backward()
+    assert calls == []
+    if why in ("gqa", "mask"):
+        torch.testing.assert_close(y, two_projection_attention(m, x), atol=1e-10, rtol=1e-10)

@@ -1,0 +1,88 @@
+"""Causal attention for CPU training (issue 10): formers' `BlockCausalAttention` against SDPA's CPU flash kernel.
+
+    python benchmarks/attention_blocks.py [--reps 21] [--out results/attention_blocks.json]
+
+For each shape (batch, heads, length, head dim) one forward + backward of causal attention is timed as the model
+runs it: q, k, v are views of one fused QKV projection output (B, N, 3 H Dh), the output is merged back to
+(B, N, H Dh), and the gradient reaches the QKV output. The two sides alternate in every repetition (the order flips
+each time) in one process; the JSON keeps the median time of each and the median of the paired ratios. Both sides
+are first checked equal (outputs and gradients, 1e-4). `CAUSAL_BLOCKS_LEN` in formers/nn/attention.py, the lengths
+at which training takes the block kernel, comes from this table. Run it on an idle machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from formers.bench.harness import meta, out_path, save
+from formers.nn.attention import CAUSAL_BLOCK, BlockCausalAttention
+
+SHAPES = [(8, 4, 128, 64), (8, 4, 192, 64), (8, 4, 256, 64), (8, 4, 384, 64), (4, 4, 512, 64), (2, 4, 768, 64),
+          (2, 4, 1024, 64), (8, 8, 256, 32), (8, 2, 256, 128)]
+
+
+def sides(B: int, H: int, N: int, D: int, block: int):
+    """The two attention implementations as closures over one fused-QKV tensor, and a check that they agree."""
+    torch.manual_seed(0)
+    qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    g = torch.randn(B, N, H * D)
+
+    def make(blocks: bool):
+        def run():
+            qkv.grad = None
+            q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3 * H, D).split([H, H, H], dim=2))
+            if blocks:
+                y = BlockCausalAttention.apply(q, k, v, D ** -0.5, block)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = y.transpose(1, 2).reshape(B, N, H * D)
+            y.backward(g)
+            return y.detach(), qkv.grad.clone()
+        return run
+
+    sdpa, ours = make(False), make(True)
+    (y1, g1), (y2, g2) = sdpa(), ours()
+    err = max((y1 - y2).abs().max().item(), (g1 - g2).abs().max().item())
+    if err > 1e-4:
+        raise AssertionError(f"block-causal attention differs from SDPA by {err:.2e} at {(B, H, N, D)}")
+    return {"sdpa": sdpa, "blocks": ours}, err
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=21)
+    ap.add_argument("--block", type=int, default=CAUSAL_BLOCK)
+    ap.add_argument("--out", default="results")
+    a = ap.parse_args(argv)
+    path = out_path(a.out, "attention_blocks.json", "attention_blocks")
+    rows = []
+    for B, H, N, D in SHAPES:
+        fns, err = sides(B, H, N, D, a.block)
+        for f in fns.values():
+            f()
+        t: dict[str, list[float]] = {n: [] for n in fns}
+        for r in range(a.reps):
+            for n in (list(fns) if r % 2 == 0 else list(fns)[::-1]):
+                s = time.perf_counter()
+                fns[n]()
+                t[n].append(time.perf_counter() - s)
+        ratio = statistics.median(a_ / b_ for a_, b_ in zip(t["sdpa"], t["blocks"]))
+        row = {"batch": B, "heads": H, "seq": N, "head_dim": D, "block": a.block, "max_abs_diff": err,
+               "sdpa_ms": round(statistics.median(t["sdpa"]) * 1e3, 3),
+               "blocks_ms": round(statistics.median(t["blocks"]) * 1e3, 3), "speedup": round(ratio, 3)}
+        rows.append(row)
+        print(f"B={B} H={H} N={N:5d} Dh={D:4d}: SDPA {row['sdpa_ms']:7.2f} ms  blocks {row['blocks_ms']:7.2f} ms  "
+              f"x{ratio:.2f}", flush=True)
+    save(path, meta("python benchmarks/attention_blocks.py " + " ".join(argv or sys.argv[1:])), rows)
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
