@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from formers.nn.attention import Affine, SoftmaxAttention
+from formers.nn.ffn import GeluLinear
 from formers.nn.hooks import forward_unpatched, hook_free, idle_dropout
 from formers.registry import FormersError, _hint, build, get, register, split_spec
 
@@ -50,6 +51,8 @@ def linear_add(res: torch.Tensor, y: torch.Tensor, out: Callable | None, inplace
     only out of place; tests/test_fast_paths.py checks values and gradients equal to the plain sum."""
     if out is None:
         return res.add_(y) if inplace else res + y
+    if type(out) is GeluLinear and not inplace:  # MLP in training: GELU + fc2 in one node (formers/nn/ffn.py)
+        return out.add(res, y)
     if not (type(out) is Affine or (type(out) is nn.Linear and hook_free(out) and forward_unpatched(out))):
         u = out(y)
         return res.add_(u) if inplace else res + u

@@ -618,12 +618,16 @@ def _plain(fn, *args):
 
 
 def _count_add_matmul(monkeypatch) -> list:
-    """A list that grows by one at each call of the fused residual's matmul (`blocks.add_matmul`)."""
+    """A list that grows by one at each call of the fused residual's matmul (`blocks.add_matmul`, or
+    `GeluLinear.add`, the MLP's GELU and fc2 in one node in training)."""
     from formers import blocks
+    from formers.nn.ffn import GeluLinear
 
     calls = []
     real = blocks.add_matmul
     monkeypatch.setattr(blocks, "add_matmul", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real_add = GeluLinear.add
+    monkeypatch.setattr(GeluLinear, "add", lambda *a, **k: calls.append(1) or real_add(*a, **k))
     return calls
 
 
@@ -1018,3 +1022,68 @@ def test_block_causal_is_off_where_it_does_not_apply(why, monkeypatch):
     assert calls == []
     if why in ("gqa", "mask"):
         torch.testing.assert_close(y, two_projection_attention(m, x), atol=1e-10, rtol=1e-10)
+
+
+def _count_gelu_linear(monkeypatch) -> list:
+    from formers.nn import ffn
+
+    calls = []
+    real = ffn._GeluLinearFn.apply
+    monkeypatch.setattr(ffn._GeluLinearFn, "apply", lambda *a: calls.append(a[3] is not None) or real(*a))
+    return calls
+
+
+@pytest.mark.parametrize("approximate,bias", [("none", True), ("tanh", False)])
+def test_gelu_linear_trains_like_naive_mlp(approximate, bias, monkeypatch):
+    """In training, MLP's GELU and fc2 run as one autograd node whose backward overwrites fc2's input gradient with
+    GELU's: output, input gradient and every parameter gradient equal the MLP formula written here (float64), as a
+    module (fc2 alone) and inside a Pre-LN block (fc2 adding into the stream); the node ran both times."""
+    calls = _count_gelu_linear(monkeypatch)
+    torch.manual_seed(0)
+    m = formers.build("ffn", "mlp", dim=12, mult=3, act={"name": "gelu", "approximate": approximate},
+                      bias=bias).double().train()
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+
+    def naive(t):
+        b1 = m.fc1.bias if bias else 0
+        b2 = m.fc2.bias if bias else 0
+        return torch.nn.functional.gelu(t @ m.fc1.weight.T + b1, approximate=approximate) @ m.fc2.weight.T + b2
+
+    ours, ref = grads(m, x, m), grads(m, x, naive)
+    assert calls == [False]
+    torch.testing.assert_close(ours[0], ref[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(ours[1], ref[1], atol=1e-12, rtol=1e-12)
+    for n in ours[2]:
+        torch.testing.assert_close(ours[2][n], ref[2][n], atol=1e-12, rtol=1e-12, msg=n)
+
+    blk = _block({"ffn": {"name": "mlp", "act": {"name": "gelu", "approximate": approximate}, "bias": bias}})
+    blk = blk.double().train()
+    calls.clear()
+    xb = torch.randn(2, 7, 24, dtype=torch.float64)
+    y, gx, gp = grads(blk, xb, blk)
+    assert calls == [True]
+    with _fusion_off():
+        plain = grads(blk, xb, blk)
+    torch.testing.assert_close(y, plain[0], atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(gx, plain[1], atol=1e-12, rtol=1e-12)
+    for n in gp:
+        torch.testing.assert_close(gp[n], plain[2][n], atol=1e-12, rtol=1e-12, msg=n)
+
+
+@pytest.mark.parametrize("why", ["fc2_hook", "act_hook", "hidden_dropout", "relu", "no_grad", "autocast"])
+def test_gelu_linear_is_off_where_it_does_not_apply(why, monkeypatch):
+    """A hook on fc2 or the activation (they must be called), active hidden dropout, another activation, autocast
+    (the node computes in its input's dtype) and inference keep the plain modules."""
+    calls = _count_gelu_linear(monkeypatch)
+    kw = {"hidden_dropout": 0.5} if why == "hidden_dropout" else {"act": "relu"} if why == "relu" else {}
+    m = formers.build("ffn", "mlp", dim=12, **kw).train()
+    seen = []
+    if why == "fc2_hook":
+        m.fc2.register_forward_hook(lambda mod, i, o: seen.append(1))
+    if why == "act_hook":
+        m.act.register_forward_hook(lambda mod, i, o: seen.append(1))
+    ctx = {"no_grad": torch.no_grad(), "autocast": torch.autocast("cpu", dtype=torch.bfloat16)}
+    with ctx.get(why, contextlib.nullcontext()):
+        m(torch.randn(2, 5, 12))
+    assert calls == []
+    assert seen == ([1] if why.endswith("hook") else [])

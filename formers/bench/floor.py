@@ -7,7 +7,9 @@ For the LM training step (the `formers bench speed` model: vocab 256, dim 256, d
 AdamW) and the ViT-Tiny forward (224x224, batch 8), the *kernel floor* is the time of only the kernels no
 implementation of that model can skip, called directly on preallocated tensors: every matmul of the model (forward;
 for training also the input and weight gradients), the patch convolution, and the fused attention kernel
-(ATen's CPU flash attention, forward and, for training, backward). Norms, activations, bias additions and gradients,
+(ATen's CPU flash attention, forward and, for training, backward: the floor of a library that calls SDPA; formers'
+block-causal kernel for CPU training, `BlockCausalAttention`, does the attention in fewer milliseconds than it,
+benchmarks/attention_blocks.py). Norms, activations, bias additions and gradients,
 residual additions, layout copies, the loss and the optimizer are left out. The floor is timed interleaved with
 formers and the peer (x-transformers `attn_flash=True`; HF ViT with `attn_implementation="sdpa"`) in one process,
 so `peer / floor` is the most any library could gain over the peer with these kernels, and `formers / floor` is
@@ -51,6 +53,7 @@ MATMUL = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm
           "aten::mkldnn_convolution", "aten::convolution")
 ATTENTION = ("aten::_scaled_dot_product_flash_attention_for_cpu",
              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+BLOCK_ATTENTION = ("BlockCausalAttention", "BlockCausalAttentionBackward")  # every op under them is attention
 
 
 def linear_shapes(model: torch.nn.Module) -> list[tuple[int, int]]:
@@ -122,7 +125,8 @@ class ViTFloor:
 
 
 def profile_by_kind(fn, calls: int) -> dict[str, float]:
-    """Self CPU milliseconds per call of `fn`, split into matmul, attention and the rest (the top rest ops named)."""
+    """Self CPU milliseconds per call of `fn`, split into matmul, attention and the rest (the top rest ops named).
+    Attention is the SDPA kernels and everything run inside formers' block-causal kernel (its matmuls too)."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -131,17 +135,26 @@ def profile_by_kind(fn, calls: int) -> dict[str, float]:
             fn()
     kinds: dict[str, float] = defaultdict(float)
     rest: dict[str, float] = defaultdict(float)
-    for e in p.key_averages():
+    for e in p.events():
         ms = e.self_cpu_time_total / 1e3 / calls
-        if e.key in MATMUL:
-            kinds["matmul"] += ms
-        elif e.key in ATTENTION:
+        if e.key in ATTENTION or _inside(e, BLOCK_ATTENTION):
             kinds["attention"] += ms
+        elif e.key in MATMUL:
+            kinds["matmul"] += ms
         else:
             kinds["rest"] += ms
             rest[e.key] += ms
     top = sorted(rest.items(), key=lambda kv: -kv[1])[:8]
     return {**{k: round(v, 2) for k, v in kinds.items()}, "rest_top": {k: round(v, 2) for k, v in top}}
+
+
+def _inside(e, names: tuple[str, ...]) -> bool:
+    """Whether a profiler event is one of `names` or runs under one."""
+    while e is not None:
+        if e.name in names:
+            return True
+        e = e.cpu_parent
+    return False
 
 
 def fault_cost_us(mib: int = 64) -> float:

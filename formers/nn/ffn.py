@@ -14,6 +14,71 @@ from formers.registry import build, register
 IN_PLACE_MIN = 1 << 16  # elements of fc1's output from which MLP applies GELU in place (inference)
 
 
+class _GeluLinearFn(torch.autograd.Function):
+    """res + GELU(a) W^T + b in one autograd node (res and b optional); a (..., hidden), W (out, hidden).
+
+    The forward is the plain one (F.gelu, then addmm). The backward computes fc2's input gradient dh = dy W itself,
+    a fresh tensor no one else holds, and lets the GELU backward overwrite it with da = dh * GELU'(a) instead of
+    writing another (tokens, hidden) tensor: one less pass over fresh memory per feed-forward layer."""
+
+    @staticmethod
+    def forward(ctx, a, w, b, res, approximate: str):
+        h = F.gelu(a, approximate=approximate)
+        h2 = h.reshape(-1, w.shape[1])
+        if res is None:
+            out = torch.addmm(b, h2, w.t()) if b is not None else h2.mm(w.t())
+        else:
+            r2 = res.reshape(-1, w.shape[0])
+            out = torch.addmm(r2, h2, w.t()) if b is None else (r2 + b).addmm_(h2, w.t())
+        ctx.save_for_backward(a, h2, w)
+        ctx.approximate, ctx.has_b, ctx.has_res = approximate, b is not None, res is not None
+        return out.view(*a.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        a, h2, w = ctx.saved_tensors
+        dy2 = dy.reshape(-1, w.shape[0])
+        da = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dh = dy2.mm(w)  # (tokens, hidden), ours alone
+            if torch.is_grad_enabled():  # create_graph: a differentiable backward (out-of-place)
+                da = torch.ops.aten.gelu_backward(dh, a.reshape(dh.shape), approximate=ctx.approximate)
+            else:
+                da = torch.ops.aten.gelu_backward.grad_input(dh, a.reshape(dh.shape), approximate=ctx.approximate,
+                                                              grad_input=dh)
+            da = da.view(a.shape)
+        if ctx.needs_input_grad[1]:
+            dw = dy2.t().mm(h2)
+        if ctx.has_b and ctx.needs_input_grad[2]:
+            db = dy2.sum(0)
+        return da, dw, db, (dy if ctx.has_res and ctx.needs_input_grad[3] else None), None
+
+
+def _autocast(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for types autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+class GeluLinear:
+    """a -> fc2(GELU(a)) as one autograd node (`_GeluLinearFn`): what `MLP.forward_split` returns in place of fc2
+    in training, with the pre-activation; `add(res, a)` is res + fc2(GELU(a)) with the residual as the matmul's
+    starting value (`linear_add`)."""
+
+    def __init__(self, fc2: nn.Linear, approximate: str):
+        self.weight, self.bias, self.approximate = fc2.weight, fc2.bias, approximate
+
+    def __call__(self, a: torch.Tensor) -> torch.Tensor:
+        return _GeluLinearFn.apply(a, self.weight, self.bias, None, self.approximate)
+
+    def add(self, res: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        if res.shape[:-1] != a.shape[:-1] or res.dtype != a.dtype:
+            return res + self(a)
+        return _GeluLinearFn.apply(a, self.weight, self.bias, res, self.approximate)
+
+
 @register("ffn", "mlp", paper="baseline")
 class MLP(nn.Module):
     """Two-layer feed-forward (Vaswani et al.): y = W2 act(W1 x + b1) + b2, hidden = mult * dim.
@@ -38,10 +103,15 @@ class MLP(nn.Module):
         h, out = self.forward_split(x)
         return h if out is None else out(h)
 
-    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module | None]:
+    def forward_split(self, x: torch.Tensor) -> tuple[torch.Tensor, nn.Module | GeluLinear | None]:
         """`forward` stopped before fc2: (h, fc2) with `self(x) == fc2(h)`, h the hidden activations; (result,
         None) when output dropout is active. A Pre-LN block uses it to add fc2 straight into its residual stream
-        (`PreNorm`, `linear_add`; in training too)."""
+        (`PreNorm`, `linear_add`; in training too). In training with a plain GELU and fc2 (`_gelu_linear`) it is
+        (a, GeluLinear) instead, a = fc1(x) before the activation: GELU and fc2 are then one autograd node whose
+        backward reuses fc2's input gradient for GELU's (tests/test_fast_paths.py)."""
+        if self._gelu_linear():
+            a = self.fc1(x)
+            return a, GeluLinear(self.fc2, self.act.approximate)
         if self._gelu_in_place():  # inference fast path, tests/test_fast_paths.py
             h = F.linear(x, self.fc1.weight, self.fc1.bias)
             if h.numel() >= IN_PLACE_MIN:
@@ -51,6 +121,16 @@ class MLP(nn.Module):
         if self.drop.p and not idle_dropout(self.drop):
             return self.drop(self.fc2(h)), None
         return h, self.fc2  # output dropout is the identity in evaluation mode (or p = 0)
+
+    def _gelu_linear(self) -> bool:
+        """Training (autograd on) with a plain nn.GELU and a plain fc2 (nn.Linear, no hooks or replaced forward on
+        either: the fused node calls neither), no hidden dropout and no autocast (the node runs F.gelu and addmm in
+        the input's dtype)."""
+        return (torch.is_grad_enabled() and type(self.fc2) is nn.Linear and isinstance(self.act, nn.GELU)
+                and type(self.act).forward is nn.GELU.forward
+                and (type(self.hidden_drop) is nn.Identity or idle_dropout(self.hidden_drop))
+                and hook_free(self.act, self.fc2, self.hidden_drop) and forward_unpatched(self.act, self.fc2)
+                and not _autocast(self.fc2.weight.device.type))
 
     def _gelu_in_place(self) -> bool:
         """Without autograd, GELU overwrites fc1's fresh output (from IN_PLACE_MIN elements) instead of allocating
