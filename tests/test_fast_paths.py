@@ -1005,23 +1005,61 @@ def test_block_causal_lm_training_step_equals_sdpa(monkeypatch):
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("why", ["dropout", "gqa", "mask", "bidirectional"])
+@pytest.mark.parametrize("why", ["dropout", "gqa", "mask", "bidirectional", "math_backend", "autocast",
+                                 "functorch"])
 def test_block_causal_is_off_where_it_does_not_apply(why, monkeypatch):
     """Attention dropout, grouped key/value heads, a key-padding mask and bidirectional attention keep SDPA (the
-    block kernel has none of them); the output still equals the naive reference where it is deterministic."""
+    block kernel has none of them), and so do a user's choice of SDPA's math backend (which has a double backward,
+    checked here), autocast (the kernel computes in its inputs' dtype) and torch.func transforms (it has no
+    functorch rules; torch.func.grad then gives the plain gradient); the output still equals the naive reference
+    where it is deterministic."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     calls = _count_blocks(monkeypatch)
     monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (8, 64))
     monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
-    kw = {"dropout": {"dropout": 0.1}, "gqa": {"kv_heads": 2}, "mask": {}, "bidirectional": {"causal": False}}[why]
+    kw = {"dropout": {"dropout": 0.1}, "gqa": {"kv_heads": 2}, "bidirectional": {"causal": False}}.get(why, {})
     torch.manual_seed(0)
     m = make(**kw).train()
     x = torch.randn(2, 16, 24, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(2, 16, dtype=torch.bool) if why == "mask" else None
-    y = m(x, mask=mask)
-    y.sum().backward()
+    if why == "functorch":
+        g = torch.func.grad(lambda t: m(t).sum())(x)
+        torch.testing.assert_close(g, torch.autograd.grad(two_projection_attention(m, x).sum(), x)[0], atol=1e-10,
+                                   rtol=1e-10)
+        assert calls == []
+        return
+    if why == "autocast":  # float32 q, k, v under autocast (a mixer may promote them back, as mdha's convolution)
+        q = torch.randn(2, 6, 16, 4, requires_grad=True)
+        assert attention._takes_causal_blocks(q, q, q, 0.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert not attention._takes_causal_blocks(q, q, q, 0.0)
+        return
+    with sdpa_kernel(SDPBackend.MATH) if why == "math_backend" else contextlib.nullcontext():
+        y = m(x, mask=mask)
+        if why == "math_backend":  # a gradient penalty: the double backward SDPA's math kernel has
+            (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+            (g ** 2).sum().backward()
+        else:
+            y.sum().backward()
     assert calls == []
-    if why in ("gqa", "mask"):
+    if why in ("gqa", "mask", "math_backend"):
         torch.testing.assert_close(y, two_projection_attention(m, x), atol=1e-10, rtol=1e-10)
+
+
+def test_block_causal_mask_ignores_the_default_device():
+    """The kernel's cached causal mask is made on its inputs' device: a first call under a `torch.device("meta")`
+    default (as when a model is sized on meta) neither fails nor leaves a meta mask for later calls."""
+    attention._MASKS.clear()
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 4, dtype=torch.float64) for _ in range(3))
+    with torch.device("meta"):
+        y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 4)
+    assert y.device.type == "cpu"
+    torch.testing.assert_close(y, naive_causal(q, k, v, 0.5), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(attention.BlockCausalAttention.apply(q, k, v, 0.5, 4), naive_causal(q, k, v, 0.5),
+                               atol=1e-12, rtol=1e-12)
+    assert all(t.device.type == "cpu" for t in attention._MASKS.values())
 
 
 def _count_gelu_linear(monkeypatch) -> list:
@@ -1070,13 +1108,25 @@ def test_gelu_linear_trains_like_naive_mlp(approximate, bias, monkeypatch):
         torch.testing.assert_close(gp[n], plain[2][n], atol=1e-12, rtol=1e-12, msg=n)
 
 
-@pytest.mark.parametrize("why", ["fc2_hook", "act_hook", "hidden_dropout", "relu", "no_grad", "autocast"])
+@pytest.mark.parametrize("why", ["fc2_hook", "act_hook", "hidden_dropout", "dropout", "relu", "no_grad", "autocast",
+                                 "functorch"])
 def test_gelu_linear_is_off_where_it_does_not_apply(why, monkeypatch):
-    """A hook on fc2 or the activation (they must be called), active hidden dropout, another activation, autocast
-    (the node computes in its input's dtype) and inference keep the plain modules."""
+    """A hook on fc2 or the activation (they must be called), active hidden or output dropout, another activation,
+    autocast (the node computes in its input's dtype), torch.func transforms (no functorch rules) and inference keep
+    the plain modules; with output dropout active, training drops (zeros in the output)."""
     calls = _count_gelu_linear(monkeypatch)
-    kw = {"hidden_dropout": 0.5} if why == "hidden_dropout" else {"act": "relu"} if why == "relu" else {}
-    m = formers.build("ffn", "mlp", dim=12, **kw).train()
+    kw = {"hidden_dropout": {"hidden_dropout": 0.5}, "dropout": {"dropout": 0.5}, "relu": {"act": "relu"}}
+    m = formers.build("ffn", "mlp", dim=12, **kw.get(why, {})).train()
+    if why == "functorch":
+        x = torch.randn(2, 5, 12)
+        g = torch.func.grad(lambda t: m(t).sum())(x)
+        torch.testing.assert_close(g, torch.autograd.grad(m.fc2(m.act(m.fc1(x.requires_grad_()))).sum(), x)[0])
+        assert calls == []
+        return
+    if why == "dropout":
+        assert (m(torch.randn(4, 50, 12)) == 0).float().mean() > 0.3
+        assert calls == []
+        return
     seen = []
     if why == "fc2_hook":
         m.fc2.register_forward_hook(lambda mod, i, o: seen.append(1))
@@ -1087,3 +1137,22 @@ def test_gelu_linear_is_off_where_it_does_not_apply(why, monkeypatch):
         m(torch.randn(2, 5, 12))
     assert calls == []
     assert seen == ([1] if why.endswith("hook") else [])
+
+
+def test_gelu_linear_double_backward_and_odd_residuals():
+    """The node's backward is differentiable where autograd asks for it (create_graph): gradgradcheck in float64
+    through a, W, b and the residual; a residual the node cannot start from (its last dimension broadcasts) gives
+    res + fc2(GELU(a)) as plain ops do."""
+    from formers.nn.ffn import GeluLinear, _GeluLinearFn
+
+    torch.manual_seed(0)
+    a = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradgradcheck(lambda *t, ap=approximate: _GeluLinearFn.apply(*t, ap), (a, w, b, r))
+        assert torch.autograd.gradgradcheck(lambda *t, ap=approximate: _GeluLinearFn.apply(*t, None, ap), (a, w, b))
+    fc2 = torch.nn.Linear(5, 4).double()
+    res = torch.randn(2, 3, 1, dtype=torch.float64)
+    torch.testing.assert_close(GeluLinear(fc2, "none").add(res, a), res + fc2(torch.nn.functional.gelu(a)))

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.nn.hooks import forward_unpatched, hook_free
+from formers.nn.hooks import autocast_on, forward_unpatched, functorch_active, hook_free
 from formers.registry import FormersError, register
 
 
@@ -150,10 +150,11 @@ class BlockCausalAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         q3, k3, v3 = (t.reshape(B * H, N, D) for t in (q, k, v))  # one copy each: bmm takes one batch dim
         y = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)  # merged-heads layout, as the caller wants
+        mask = _causal_mask(N, q.dtype, q.device)
         probs = []
         for s in range(0, N, block):
             e = min(s + block, N)
-            scores = torch.baddbmm(_causal_block_mask(s, e, q.dtype), q3[:, s:e], k3[:, :e].transpose(1, 2),
+            scores = torch.baddbmm(mask[s:e, :e], q3[:, s:e], k3[:, :e].transpose(1, 2),
                                    alpha=scale)  # (B*H, e - s, e)
             p = torch.softmax(scores, -1)
             y[:, s:e] = torch.bmm(p, v3[:, :e]).view(B, H, e - s, D).transpose(1, 2)
@@ -163,6 +164,7 @@ class BlockCausalAttention(torch.autograd.Function):
         return y.transpose(1, 2)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # as SDPA's flash kernel: no double backward
     def backward(ctx, dy):
         q, k, v, *probs = ctx.saved_tensors
         scale, block, H = ctx.scale, ctx.block, ctx.heads
@@ -191,23 +193,27 @@ class BlockCausalAttention(torch.autograd.Function):
 _MASKS: dict = {}
 
 
-def _causal_block_mask(s: int, e: int, dtype: torch.dtype) -> torch.Tensor:
-    """(e - s, e) additive mask of query rows s..e-1 over keys 0..e-1: 0 where key <= query, -inf above."""
-    m = _MASKS.get((s, e, dtype))
-    if m is None:
-        rows = torch.arange(s, e)[:, None]
-        m = torch.zeros(e - s, e, dtype=dtype).masked_fill_(torch.arange(e)[None] > rows, float("-inf"))
-        _MASKS[(s, e, dtype)] = m
+def _causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An additive causal mask of at least (n, n), 0 where key <= query and -inf above; one per dtype and device,
+    grown to the longest length seen. Rows s..e-1 over keys 0..e-1 are its slice [s:e, :e]."""
+    m = _MASKS.get((dtype, device))
+    if m is None or m.shape[0] < n:
+        i = torch.arange(n, device=device)
+        m = torch.zeros(n, n, dtype=dtype, device=device).masked_fill_(i[None] > i[:, None], float("-inf"))
+        _MASKS[(dtype, device)] = m
     return m
 
 
 def _takes_causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> bool:
     """CPU training of a fresh causal block (no mask, bias or dropout, as many key as query heads) of a length in
-    CAUSAL_BLOCKS_LEN, float32 or float64."""
+    CAUSAL_BLOCKS_LEN, float32 or float64, with SDPA's flash kernel allowed (the block kernel stands in for it; a
+    user who selected the math backend, e.g. for a double backward, gets it), no autocast (the kernel computes in
+    its inputs' dtype) and no torch.func transform (it has no functorch rules)."""
     lo, hi = CAUSAL_BLOCKS_LEN
     return (torch.is_grad_enabled() and q.device.type == "cpu" and not drop and q.shape[1] == k.shape[1]
             and lo <= q.shape[2] <= hi and q.dtype in (torch.float32, torch.float64)
-            and (q.requires_grad or k.requires_grad or v.requires_grad))
+            and (q.requires_grad or k.requires_grad or v.requires_grad)
+            and torch.backends.cuda.flash_sdp_enabled() and not autocast_on("cpu") and not functorch_active())
 
 
 _SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # `enable_gqa` came in torch 2.5

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.nn.hooks import forward_unpatched, hook_free, idle_dropout
+from formers.nn.hooks import autocast_on, forward_unpatched, functorch_active, hook_free, idle_dropout
 from formers.registry import build, register
 
 IN_PLACE_MIN = 1 << 16  # elements of fc1's output from which MLP applies GELU in place (inference)
@@ -48,18 +48,12 @@ class _GeluLinearFn(torch.autograd.Function):
                                                               grad_input=dh)
             da = da.view(a.shape)
         if ctx.needs_input_grad[1]:
+            if torch.is_grad_enabled():  # create_graph: h as a function of a, so that d(dW)/da is not lost
+                h2 = F.gelu(a, approximate=ctx.approximate).reshape(h2.shape)
             dw = dy2.t().mm(h2)
         if ctx.has_b and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
         return da, dw, db, (dy if ctx.has_res and ctx.needs_input_grad[3] else None), None
-
-
-def _autocast(device_type: str) -> bool:
-    """Whether autocast is on for this device type (False for types autocast does not know, e.g. meta)."""
-    try:
-        return torch.is_autocast_enabled(device_type)
-    except RuntimeError:
-        return False
 
 
 class GeluLinear:
@@ -74,7 +68,7 @@ class GeluLinear:
         return _GeluLinearFn.apply(a, self.weight, self.bias, None, self.approximate)
 
     def add(self, res: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-        if res.shape[:-1] != a.shape[:-1] or res.dtype != a.dtype:
+        if res.shape[:-1] != a.shape[:-1] or res.shape[-1] != self.weight.shape[0] or res.dtype != a.dtype:
             return res + self(a)
         return _GeluLinearFn.apply(a, self.weight, self.bias, res, self.approximate)
 
@@ -124,13 +118,15 @@ class MLP(nn.Module):
 
     def _gelu_linear(self) -> bool:
         """Training (autograd on) with a plain nn.GELU and a plain fc2 (nn.Linear, no hooks or replaced forward on
-        either: the fused node calls neither), no hidden dropout and no autocast (the node runs F.gelu and addmm in
-        the input's dtype)."""
+        either: the fused node calls neither), no active dropout (hidden or output), no autocast (the node runs
+        F.gelu and addmm in the input's dtype) and no torch.func transform (the node has no functorch rules)."""
         return (torch.is_grad_enabled() and type(self.fc2) is nn.Linear and isinstance(self.act, nn.GELU)
                 and type(self.act).forward is nn.GELU.forward
                 and (type(self.hidden_drop) is nn.Identity or idle_dropout(self.hidden_drop))
-                and hook_free(self.act, self.fc2, self.hidden_drop) and forward_unpatched(self.act, self.fc2)
-                and not _autocast(self.fc2.weight.device.type))
+                and (not self.drop.p or idle_dropout(self.drop))
+                and hook_free(self.act, self.fc2, self.hidden_drop, self.drop)
+                and forward_unpatched(self.act, self.fc2)
+                and not autocast_on(self.fc2.weight.device.type) and not functorch_active())
 
     def _gelu_in_place(self) -> bool:
         """Without autograd, GELU overwrites fc1's fresh output (from IN_PLACE_MIN elements) instead of allocating

@@ -71,6 +71,25 @@ def hook_free(*mods: nn.Module) -> bool:
                    for m in mods)
 
 
+def autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False for types autocast does not know, e.g. meta): a fast
+    path that computes in its inputs' dtype must not run under it."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running: custom autograd Functions without
+    functorch rules must not be used under one."""
+    try:
+        from torch._C._functorch import peek_interpreter_stack
+    except ImportError:  # pragma: no cover - older torch
+        return False
+    return peek_interpreter_stack() is not None
+
+
 def forward_unpatched(*mods: nn.Module) -> bool:
     """No module here has its own `forward` set on the instance (accelerate-style wrappers, monkeypatches): a
     fast path that reads a module's weights instead of calling it must not skip such a replacement."""
