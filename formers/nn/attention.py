@@ -13,8 +13,10 @@ each against the plain computation):
 - GQA through SDPA's `enable_gqa` (torch >= 2.5) instead of copying the shared key/value heads;
 - `KVCache` writes decoded keys/values into a pre-allocated buffer instead of re-concatenating them;
 - causal training on a CPU at lengths CAUSAL_BLOCKS_LEN: `BlockCausalAttention`, the scores in row blocks of
-  CAUSAL_BLOCK queries, each block only against the keys it may see, with batched matmuls (faster than SDPA's CPU
-  flash kernel there: 1.07-1.3x forward + backward at 256-512 tokens, measured in benchmarks/attention_blocks.py).
+  CAUSAL_BLOCK queries, each block only against the keys it may see, with batched matmuls. Measured on a 2-core
+  Xeon VM: the benchmark LM's whole training step (256 tokens) 1.035-1.08x faster than with SDPA's CPU flash kernel
+  in paired A/Bs; the attention alone (benchmarks/attention_blocks.py) 0.95-0.97x flash at 256 tokens, 1.04-1.19x
+  at 384-1024 and 0.75-0.88x below 256, which keep SDPA.
 """
 
 from __future__ import annotations
