@@ -110,23 +110,26 @@ def xt_lm(max_len: int = SEQ, flash: bool = False, dim: int = DIM, depth: int = 
                               attn_layers=Decoder(dim=dim, depth=depth, heads=heads, attn_flash=flash))
 
 
-def _uniform_layers(ours: torch.nn.Module, blocks: list, attn: torch.nn.Module) -> str:
+def _uniform_layers(ours: torch.nn.Module, blocks: list) -> tuple[str, tuple]:
     """Why a peer that repeats one plain layer (x-transformers' Decoder, HF's ViT) cannot be the same model as
     `ours`, or "" when it can so far: one set of weights per layer applied once, identical layers (module types,
     scalar settings such as heads, eps and scale, parameter shapes: `stacks._layout`), no active dropout (the
-    peers place theirs elsewhere, or not at all, so the steps would not do the same work)."""
+    peers place theirs elsewhere, or not at all, so the steps would not do the same work). Also returns the first
+    block and its mixer, feed-forward and norm, which the caller checks further."""
     from formers.stacks import _layout
 
+    b = blocks[0]
+    parts = (b, b.attn.fn, b.ffn.fn, b.attn.norm)
     runs = getattr(ours.stack, "num_applications", len(blocks))
     if runs != len(blocks):
         return (f"its stack runs {runs} layers with {len(blocks)} blocks of weights (shared or looped); the peer has "
-                "one set per layer")
-    first = _layout(blocks[0])
-    if any(_layout(b) != first for b in blocks[1:]):
-        return "its layers differ from one another (the peer repeats one layer)"
-    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in ours.modules()) or getattr(attn, "dropout", 0):
-        return "dropout > 0; the peer places its dropouts elsewhere (set the recipe's dropouts to 0 to compare)"
-    return ""
+                "one set per layer"), parts
+    first = _layout(b)
+    if any(_layout(o) != first for o in blocks[1:]):
+        return "its layers differ from one another (the peer repeats one layer)", parts
+    if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in ours.modules()) or getattr(b.attn.fn, "dropout", 0):
+        return "dropout > 0; the peer places its dropouts elsewhere (set the recipe's dropouts to 0 to compare)", parts
+    return "", parts
 
 
 def xt_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
@@ -145,11 +148,9 @@ def xt_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     blocks = [m for m in ours.modules() if isinstance(m, Block)]
     if not blocks or not hasattr(ours, "embed") or not hasattr(ours, "head"):
         return None, "not a formers language model"
-    why = _uniform_layers(ours, blocks, blocks[0].attn.fn)
+    why, (b, attn, ffn, norm) = _uniform_layers(ours, blocks)
     if why:
         return None, why
-    b = blocks[0]
-    attn, ffn, norm = b.attn.fn, b.ffn.fn, b.attn.norm
     if type(b.attn) is not PreNorm or type(b.ffn) is not PreNorm:
         return None, f"placement {type(b.attn).__name__}; x-transformers' default is Pre-LN (placement: pre)"
     if type(attn) is not SoftmaxAttention or attn.kv_heads != attn.heads or attn.q.bias is not None:
@@ -360,11 +361,9 @@ def hf_vit_peer_of(ours: torch.nn.Module) -> tuple[torch.nn.Module | None, str]:
     blocks = [m for m in ours.stack.modules() if isinstance(m, Block)]
     if any(type(sub.residual) is not AddResidual for b in blocks for sub in (b.attn, b.ffn)):
         return None, "layer scale, drop path or a gated residual; HF's ViT adds each sublayer's output as it is"
-    why = _uniform_layers(ours, blocks, blocks[0].attn.fn)
+    why, (b, attn, ffn, norm) = _uniform_layers(ours, blocks)
     if why:
         return None, why
-    b = blocks[0]
-    attn, ffn, norm = b.attn.fn, b.ffn.fn, b.attn.norm
     if type(b.attn) is not PreNorm or type(b.ffn) is not PreNorm or not isinstance(norm, torch.nn.LayerNorm) \
             or norm.bias is None:
         return None, "not Pre-LN with LayerNorm (and bias), as HF's ViT"

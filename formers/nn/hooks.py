@@ -80,14 +80,16 @@ def autocast_on(device_type: str) -> bool:
         return False
 
 
+try:
+    from torch._C._functorch import peek_interpreter_stack as _functorch_stack
+except ImportError:  # pragma: no cover - older torch
+    _functorch_stack = None
+
+
 def functorch_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running: custom autograd Functions without
     functorch rules must not be used under one."""
-    try:
-        from torch._C._functorch import peek_interpreter_stack
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return peek_interpreter_stack() is not None
+    return _functorch_stack is not None and _functorch_stack() is not None
 
 
 def forward_unpatched(*mods: nn.Module) -> bool:
