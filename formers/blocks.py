@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from formers.nn.attention import Affine, SoftmaxAttention
 from formers.nn.ffn import GeluLinear
-from formers.nn.hooks import forward_unpatched, hook_free, idle_dropout
+from formers.nn.hooks import autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
 from formers.registry import FormersError, _hint, build, get, register, split_spec
 
 # ---------------------------------------------------------------------------------------------------- residual
@@ -67,7 +67,7 @@ def add_matmul(res: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Ten
     (the matmul in place on the fresh sum, which no backward formula needs). Where that cannot hold the bits of
     `F.linear` (other dtypes, autocast, shapes that need broadcasting, a non-contiguous res to write into) it is
     `res + F.linear(y, w, b)`."""
-    if (not (res.dtype == y.dtype == w.dtype) or torch.is_autocast_enabled(res.device.type)
+    if (not (res.dtype == y.dtype == w.dtype) or autocast_on(res.device.type)
             or res.shape[:-1] != y.shape[:-1] or res.shape[-1] != w.shape[0] or (inplace and not res.is_contiguous())):
         u = F.linear(y, w, b)
         return res.add_(u) if inplace else res + u
@@ -124,21 +124,24 @@ class PreNorm(Placement):
         of this sublayer may have a hook or a replaced forward (it could keep x, which is then overwritten)."""
         # every module, not only those the fused path skips: the norm sees x itself, and so does the sublayer where
         # the norm is an identity
-        if not torch.is_grad_enabled() and x.is_contiguous() and self._fuses_residual(list(self.modules())):
+        if not torch.is_grad_enabled() and x.is_contiguous() and self._fuses_residual(whole=True):
             y, out = self.fn.forward_split(self.norm(x), **kw)
             return linear_add(x, y, out, inplace=True)
         return self(x, **kw)
 
-    def _fuses_residual(self, mods: list[nn.Module] | None = None) -> bool:
+    def _fuses_residual(self, whole: bool = False) -> bool:
         """Whether the fused path may run: this class's own forward; a plain add residual; no active dropout; a
         sublayer whose `forward_split` (`forward` stopped before its last linear layer, same defining class as its
-        `forward`) says what that layer is; no hooks or replaced forwards on `mods` (default: the modules the fused
-        path does not call). With autograd it computes out of place (`add_matmul`), so a module's saved tensors
-        stay intact."""
-        mods = mods or [self.fn, self.residual, self.drop]
-        return (type(self).forward is PreNorm.forward and type(self.residual) is AddResidual
-                and (not self.drop.p or idle_dropout(self.drop)) and _splits(type(self.fn)) and hook_free(*mods)
-                and forward_unpatched(*mods))
+        `forward`) says what that layer is; no hooks or replaced forwards on the modules the fused path does not
+        call, or with `whole` on this module and every module under it (`plain_tree`). With autograd it computes
+        out of place (`add_matmul`), so a module's saved tensors stay intact."""
+        if not (type(self).forward is PreNorm.forward and type(self.residual) is AddResidual
+                and (not self.drop.p or idle_dropout(self.drop)) and _splits(type(self.fn))):
+            return False
+        if whole:
+            return plain_tree(self)
+        mods = (self.fn, self.residual, self.drop)
+        return hook_free(*mods) and forward_unpatched(*mods)
 
 
 def _splits(cls: type) -> bool:

@@ -222,7 +222,7 @@ def test_out_may_be_a_folder_and_a_bad_out_fails_before_any_timing(tmp_path, mon
     assert out_path(str(tmp_path / "r.json"), name, "bench speed") == tmp_path / "r.json"
     (tmp_path / "afile").write_text("x")
     timed = []
-    monkeypatch.setattr(speed, "meta", lambda cmd: timed.append(cmd))  # would start the timing
+    monkeypatch.setattr(speed, "meta", lambda cmd, device=None: timed.append(cmd))  # would start the timing
     with pytest.raises(FormersError, match="must be a .json file or a folder"):
         speed.main(["--rows", "packed_encoder", "--out", str(tmp_path / "r.csv")])
     with pytest.raises(FormersError, match="is a file, not a folder"):
@@ -231,12 +231,13 @@ def test_out_may_be_a_folder_and_a_bad_out_fails_before_any_timing(tmp_path, mon
 
 
 def test_a_folder_out_gets_the_json_and_png(tmp_path, monkeypatch):
-    monkeypatch.setattr(speed, "row_packed", lambda reps, log: [
+    monkeypatch.setattr(speed, "row_packed", lambda reps, log, device: [
         {"row": "packed_encoder", "peer": "formers padded", "peer_setting": "key-padding mask", "params": 1,
          "formers_tokens_per_s": 2.0, "formers_runs": [2.0], "peer_tokens_per_s": 1.0, "peer_runs": [1.0],
          "ratio": 2.0}])
-    monkeypatch.setattr(speed, "meta", lambda cmd: {"peak_mm_gflops": 1.0, "cpu": "test", "threads": 1,
-                                                          "torch": torch.__version__, "date": "2026-01-01"})
+    monkeypatch.setattr(speed, "meta", lambda cmd, device=None: {"peak_mm_gflops": 1.0, "cpu": "test",
+                                                                      "threads": 1, "torch": torch.__version__,
+                                                                      "date": "2026-01-01"})
     assert speed.main(["--rows", "packed_encoder", "--reps", "1", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "peers_speed.json").read_text())
     assert res["rows"][0]["ratio"] == 2.0 and (tmp_path / "peers_speed.png").stat().st_size > 1000
@@ -369,3 +370,38 @@ def test_a_missing_recipe_fails_before_any_timing(tmp_path, monkeypatch):
     monkeypatch.setattr(speed, "meta", lambda *a, **k: pytest.fail("timing started"))
     with pytest.raises(FormersError, match="does not exist"):
         speed.main(["--rows", "--recipe", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o.json")])
+
+
+def test_device_option_fails_clearly_before_any_timing(monkeypatch):
+    monkeypatch.setattr(speed, "meta", lambda *a, **k: pytest.fail("timing started"))
+    with pytest.raises(FormersError, match="unknown device 'gpu0'"):
+        speed.main(["--rows", "packed_encoder", "--device", "gpu0"])
+    if not torch.cuda.is_available():
+        with pytest.raises(FormersError, match="torch sees no CUDA GPU"):
+            speed.main(["--rows", "packed_encoder", "--device", "cuda"])
+    assert speed.resolve_device("cpu") == torch.device("cpu")
+
+
+def test_interleaved_times_include_the_sync(monkeypatch):
+    """On a GPU the side's queued work must count for that side: `sync` runs inside the timed window, once per call
+    (plus once after the warm-up)."""
+    clock = [0.0]
+    monkeypatch.setattr(speed.time, "perf_counter", lambda: clock[0])
+    calls = []
+
+    def sync():
+        calls.append("sync")
+        clock[0] += 1.0  # the queued kernels finish only here
+
+    times = speed.interleaved({"a": lambda: None, "b": lambda: None}, reps=3, warmup=1, sync=sync)
+    assert times == {"a": [1.0, 1.0, 1.0], "b": [1.0, 1.0, 1.0]}
+    assert len(calls) == 1 + 6
+
+
+def test_readme_section_names_the_gpu_when_there_is_one():
+    res = {"meta": {"command": "formers bench speed --device cuda", "cpu": "Xeon", "threads": 16, "torch": "2.11",
+                    "date": "2026-11-30T00:00:00", "peak_mm_gflops": 5e4, "reps": 7, "device": "NVIDIA H200"},
+           "rows": []}
+    assert "on NVIDIA H200 (Xeon, 16 threads)" in speed.readme_section(res)
+    del res["meta"]["device"]
+    assert "on Xeon, 16 threads" in speed.readme_section(res)

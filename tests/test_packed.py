@@ -67,6 +67,25 @@ def test_varlen_attention_matches_naive_per_sequence(causal, tol, with_bias):
     torch.testing.assert_close(y, naive_varlen(q, k, v, LENGTHS, 0.3, causal, bias), atol=1e-12, rtol=0)
 
 
+def test_jagged_attention_matches_naive_per_sequence():
+    """The GPU's one-call path (SDPA on jagged nested tensors), run here on torch's CPU math kernel: values and
+    gradients equal the naive loop over the sequences (no empty sequence: the GPU path steps aside for those)."""
+    from formers.nn.packed import _jagged_attention
+
+    lengths = [n for n in LENGTHS if n > 0]
+    T = sum(lengths)
+    q, k, v = (torch.randn(2, T, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    seqlens = lengths_to_seqlens(lengths)
+    y = _jagged_attention(q, k, v, seqlens, 0.3, 0.0)
+    ref = naive_varlen(q, k, v, lengths, 0.3)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    g = torch.randn_like(y)
+    ga = torch.autograd.grad(y, (q, k, v), g)
+    gb = torch.autograd.grad(varlen_attention(q, k, v, seqlens, 0.3), (q, k, v), g)  # the bucket loop's gradients
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_attention_explicit_attend_gets_bucket_masks(causal):
     """A custom `attend` (the explicit path) sees each bucket's padding and causality through `allowed`."""

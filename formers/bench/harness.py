@@ -62,15 +62,21 @@ def time_calls(fn: Callable[[], Any], reps: int = 3, budget_s: float = 20.0) -> 
     return statistics.median(times)
 
 
-def machine_peak_gflops() -> float:
-    """Median of 10 runs of torch.mm on preallocated 2048x2048 fp32 tensors after 3 warm-up runs (DESIGN §5)."""
-    a, b, c = torch.randn(2048, 2048), torch.randn(2048, 2048), torch.empty(2048, 2048)
+def machine_peak_gflops(device: torch.device | str | None = None) -> float:
+    """Median of 10 runs of torch.mm on preallocated 2048x2048 fp32 tensors after 3 warm-up runs (DESIGN §5), on
+    `device` (default the CPU; on a GPU each run is synchronised, so the time is the kernel's)."""
+    dev = torch.device(device or "cpu")
+    a, b = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
+    c = torch.empty(2048, 2048, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     for _ in range(3):  # warm-up: thread pool, page faults, clocks; a cold first run under-states the peak
         torch.mm(a, b, out=c)
+    sync()
     times = []
     for _ in range(10):
         t = time.perf_counter()
         torch.mm(a, b, out=c)
+        sync()
         times.append(time.perf_counter() - t)
     return 2 * 2048 ** 3 / statistics.median(times) / 1e9
 
@@ -109,11 +115,17 @@ def run_point(module: str, func: str, kwargs: dict[str, Any], timeout_s: float =
     return {"skipped": f"failed: {tail[:200]}"}
 
 
-def meta(command: str) -> dict[str, Any]:
-    return {"machine": platform.machine(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command, "peak_mm_gflops": round(machine_peak_gflops(), 1)}
+def meta(command: str, device: torch.device | str | None = None) -> dict[str, Any]:
+    """A results file's header; the matmul peak is measured on `device` (default the CPU), which a GPU run also
+    names (`device`)."""
+    dev = torch.device(device or "cpu")
+    m = {"machine": platform.machine(), "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+         "torch": torch.__version__,
+         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+         "command": command, "peak_mm_gflops": round(machine_peak_gflops(dev), 1)}
+    if dev.type != "cpu":
+        m["device"] = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev)
+    return m
 
 
 def _cpu_name() -> str:

@@ -48,14 +48,19 @@ FLOPS_FORMULA = ("6 * (matmul weights incl. the output projection, excl. embeddi
 # ------------------------------------------------------------------------------------------------------- timing
 
 def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
-                faults: dict[str, list[int]] | None = None) -> dict[str, list[float]]:
+                faults: dict[str, list[int]] | None = None,
+                sync: Callable[[], Any] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each side, the sides alternating inside every repetition (the order flips each time)
     so that machine noise hits them alike. Returns every repetition's time per side; with `faults` (a dict) also
-    fills it with every repetition's minor page faults per side (see `_summary`)."""
+    fills it with every repetition's minor page faults per side (see `_summary`). `sync` (a GPU's synchronize,
+    `device_sync`) runs after each call inside its timing, so that queued kernels count for the side that queued
+    them."""
     names = list(sides)
+    sync = sync or (lambda: None)
     for _ in range(warmup):
         for n in names:
             sides[n]()
+    sync()
     times: dict[str, list[float]] = {n: [] for n in names}
     if faults is not None:
         faults.update({n: [] for n in names})
@@ -64,10 +69,37 @@ def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
             f = minor_faults()
             t = time.perf_counter()
             sides[n]()
+            sync()
             times[n].append(time.perf_counter() - t)
             if faults is not None:
                 faults[n].append(minor_faults() - f)
     return times
+
+
+def device_sync(device: torch.device) -> Callable[[], Any] | None:
+    """What `interleaved` calls after each side on `device`: CUDA's synchronize (kernels run asynchronously), else
+    nothing."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """`--device`: cpu (default), cuda or cuda:N; a clear error when torch sees no such GPU."""
+    try:
+        dev = torch.device(name or "cpu")
+    except RuntimeError as e:
+        raise FormersError(f"bench speed: unknown device '{name}'; use cpu, cuda or cuda:N") from e
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise FormersError(f"bench speed: --device {name} but torch sees no CUDA GPU here; run on the CPU "
+                               "(--device cpu) or install a CUDA build of torch")
+        if (dev.index or 0) >= torch.cuda.device_count():
+            raise FormersError(f"bench speed: --device {name} but torch sees {torch.cuda.device_count()} GPU(s)")
+    elif dev.type != "cpu":
+        raise FormersError(f"bench speed: device '{name}' is not supported; use cpu, cuda or cuda:N")
+    return dev
+
+
+CPU = torch.device("cpu")
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -424,7 +456,7 @@ class TrainStep:
         self.model = model.train()
         self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randint(0, vocab, (batch, seq + 1), generator=g)
+        self.x = torch.randint(0, vocab, (batch, seq + 1), generator=g).to(next(model.parameters()).device)
         self.vocab = vocab
 
     def loss(self) -> torch.Tensor:
@@ -446,8 +478,9 @@ class ImageTrainStep(TrainStep):
         self.model, self.hf = model.train(), hf
         self.opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
         g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(batch, in_chans, img_size, img_size, generator=g)
-        self.y = torch.randint(0, num_classes, (batch,), generator=g)
+        dev = next(model.parameters()).device
+        self.x = torch.randn(batch, in_chans, img_size, img_size, generator=g).to(dev)
+        self.y = torch.randint(0, num_classes, (batch,), generator=g).to(dev)
 
     def loss(self) -> torch.Tensor:
         logits = self.model(pixel_values=self.x).logits if self.hf else self.model(self.x)
@@ -485,11 +518,11 @@ def ratio_ci(ours: list[float], peer: list[float], level: float = 0.9, resamples
     return [round(r[lo].item(), 3), round(r[hi].item(), 3)]
 
 
-def row_lm_train(reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
+def row_lm_train(reps: int, steps: int, peak_gflops: float, log, device: torch.device = CPU) -> list[dict]:
     rows = []
     for setting, flash in (("default", False), ("attn_flash", True)):
         torch.manual_seed(0)
-        ours, peer = formers_lm(), xt_lm(flash=flash)
+        ours, peer = formers_lm().to(device), xt_lm(flash=flash).to(device)
         err = same_as_xt(ours, peer, "lm_train")
         po = n_params(ours)
         so, sp = TrainStep(ours, BATCH, SEQ, VOCAB), TrainStep(peer, BATCH, SEQ, VOCAB)
@@ -498,7 +531,7 @@ def row_lm_train(reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
             return lambda: [step() for _ in range(steps)]
 
         pf: dict[str, list[int]] = {}
-        times = interleaved({"formers": run(so), "peer": run(sp)}, reps, faults=pf)
+        times = interleaved({"formers": run(so), "peer": run(sp)}, reps, faults=pf, sync=device_sync(device))
         r = {"row": "lm_train", "peer": "x-transformers", "peer_setting": setting, "params": po,
              "logits_max_abs_diff": err,
              **_summary(times, steps * BATCH * SEQ, "tokens_per_s", pf, per=steps)}
@@ -513,19 +546,20 @@ def row_lm_train(reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
     return rows
 
 
-def row_generate(reps: int, log) -> list[dict]:
+def row_generate(reps: int, log, device: torch.device = CPU) -> list[dict]:
     rows = []
     max_len = PROMPT + NEW
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, VOCAB, (1, PROMPT), generator=g)
+    prompt = torch.randint(0, VOCAB, (1, PROMPT), generator=g).to(device)
+    sync = device_sync(device)
 
     # x-transformers: the same model as the training row (formers' weights copied in, logits equal), cached
     # greedy decoding
     from x_transformers import AutoregressiveWrapper
 
     torch.manual_seed(0)
-    ours = formers_lm(max_len=max_len).eval()
-    peer = AutoregressiveWrapper(xt_lm(max_len=max_len)).eval()
+    ours = formers_lm(max_len=max_len).eval().to(device)
+    peer = AutoregressiveWrapper(xt_lm(max_len=max_len)).eval().to(device)
     err = same_as_xt(ours, peer.net, "generate")
     po = n_params(ours)
 
@@ -543,7 +577,7 @@ def row_generate(reps: int, log) -> list[dict]:
                            f"{out_p.shape[-1]}")
     agree_xt = int((out_o[0, PROMPT:] == out_p[0]).cumprod(0).sum())
     pf: dict[str, list[int]] = {}
-    times = interleaved({"formers": ours_gen, "peer": xt_gen}, reps, faults=pf)
+    times = interleaved({"formers": ours_gen, "peer": xt_gen}, reps, faults=pf, sync=sync)
     r = {"row": "generate", "peer": "x-transformers", "peer_setting": "cache_kv=True", "params": po,
          "logits_max_abs_diff": err, "greedy_tokens_agreeing": agree_xt,
          **_summary(times, NEW, "tokens_per_s", pf)}
@@ -557,10 +591,11 @@ def row_generate(reps: int, log) -> list[dict]:
     hf = hf_gpt2(max_len)
     ours = formers_lm(max_len=max_len, gpt2=True).eval()
     gpt2_into_formers(hf, ours)
+    hf, ours = hf.to(device), ours.to(device)
     po, pp = n_params(ours), n_params(hf)
     if po != pp:
         raise FormersError(f"generate: parameter counts differ from HF GPT-2 ({po:,} vs {pp:,})")
-    x = torch.randint(0, VOCAB, (2, 64), generator=g)
+    x = torch.randint(0, VOCAB, (2, 64), generator=g).to(device)
     with torch.no_grad():
         err = check_equal(ours(x), hf(x).logits, "generate: formers vs HF GPT-2 logits")
 
@@ -575,7 +610,7 @@ def row_generate(reps: int, log) -> list[dict]:
 
     a, b = ours_gen2(), hf_gen()
     agree = int((a[0, PROMPT:] == b[0, PROMPT:]).cumprod(0).sum())
-    times = interleaved({"formers": ours_gen2, "peer": hf_gen}, reps, faults=pf)
+    times = interleaved({"formers": ours_gen2, "peer": hf_gen}, reps, faults=pf, sync=sync)
     r = {"row": "generate", "peer": "HF GPT-2", "peer_setting": "sdpa, use_cache=True", "params": po,
          "logits_max_abs_diff": err, "greedy_tokens_agreeing": agree, **_summary(times, NEW, "tokens_per_s", pf)}
     rows.append(r)
@@ -585,17 +620,18 @@ def row_generate(reps: int, log) -> list[dict]:
     return rows
 
 
-def vit_sides() -> tuple[dict[str, Callable[[], Any]], int, int, float]:
+def vit_sides(device: torch.device = CPU) -> tuple[dict[str, Callable[[], Any]], int, int, float]:
     """The ViT-Tiny forward of formers and of HF's ViT with the same weights, checked to be the same model (parameter
     counts; logits equal to 1e-5 on the batch they will run): ({"formers": fn, "peer": fn}, batch, params, logits
     difference). Shared by this row and benchmarks/kernel_floor.py."""
     torch.manual_seed(0)
     ours, hf = formers_vit(), hf_vit()
     vit_into_hf(ours, hf)
+    ours, hf = ours.to(device), hf.to(device)
     po, pp = n_params(ours), n_params(hf)
     if po != pp:
         raise FormersError(f"vit_forward: parameter counts differ ({po:,} vs {pp:,})")
-    x = torch.randn(BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(BATCH, 3, 224, 224, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         err = check_equal(ours(x), hf(pixel_values=x).logits, "vit_forward: formers vs HF ViT logits")
 
@@ -610,10 +646,10 @@ def vit_sides() -> tuple[dict[str, Callable[[], Any]], int, int, float]:
     return {"formers": ours_fwd, "peer": hf_fwd}, BATCH, po, err
 
 
-def row_vit(reps: int, log) -> list[dict]:
-    sides, batch, po, err = vit_sides()
+def row_vit(reps: int, log, device: torch.device = CPU) -> list[dict]:
+    sides, batch, po, err = vit_sides(device)
     pf: dict[str, list[int]] = {}
-    times = interleaved(sides, reps, faults=pf)
+    times = interleaved(sides, reps, faults=pf, sync=device_sync(device))
     r = {"row": "vit_forward", "peer": "HF ViT", "peer_setting": "sdpa, eval", "params": po,
          "logits_max_abs_diff": err, **_summary(times, batch, "images_per_s", pf)}
     log(f"vit_forward vs HF ViT     : formers {r['formers_images_per_s']:7.1f} img/s  peer "
@@ -626,7 +662,7 @@ def packed_lengths(n: int = 32, lo: int = 16, hi: int = 512, seed: int = 0) -> l
     return torch.randint(lo, hi + 1, (n,), generator=g).tolist()
 
 
-def row_packed(reps: int, log) -> list[dict]:
+def row_packed(reps: int, log, device: torch.device = CPU) -> list[dict]:
     import formers
     from formers.nn.packed import pack
 
@@ -634,11 +670,11 @@ def row_packed(reps: int, log) -> list[dict]:
     torch.manual_seed(0)
     model = formers.create_model("encoder", vocab=VOCAB, dim=DIM, depth=DEPTH, max_len=512, position="learned",
                                  pool="mean", block={"mixer": {"name": "softmax", "heads": HEADS},
-                                                     "ffn": {"name": "mlp", "mult": 4}}).eval()
+                                                     "ffn": {"name": "mlp", "mult": 4}}).eval().to(device)
     g = torch.Generator().manual_seed(1)
     B, L = len(lengths), max(lengths)
-    idx = torch.randint(0, VOCAB, (B, L), generator=g)
-    mask = torch.arange(L)[None] < torch.tensor(lengths)[:, None]
+    idx = torch.randint(0, VOCAB, (B, L), generator=g).to(device)
+    mask = (torch.arange(L)[None] < torch.tensor(lengths)[:, None]).to(device)
     ids, seqlens = pack(idx, mask)
 
     def padded():
@@ -653,7 +689,7 @@ def row_packed(reps: int, log) -> list[dict]:
     err = check_equal(hp[mask], hk.reshape(-1, DIM), "packed_encoder: packed vs padded outputs on valid tokens",
                       tol=1e-4)
     pf: dict[str, list[int]] = {}
-    times = interleaved({"formers": packed, "peer": padded}, reps, faults=pf)
+    times = interleaved({"formers": packed, "peer": padded}, reps, faults=pf, sync=device_sync(device))
     tokens = sum(lengths)
     r = {"row": "packed_encoder", "peer": "formers padded + key-padding mask", "peer_setting": "same model",
          "params": n_params(model), "lengths": lengths, "valid_tokens": tokens, "padded_tokens": B * L,
@@ -663,7 +699,8 @@ def row_packed(reps: int, log) -> list[dict]:
     return [r]
 
 
-def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> list[dict]:
+def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log,
+               device: torch.device = CPU) -> list[dict]:
     """A recipe's own model: training-step tokens/s at its batch size and sequence length, MFU, and, where the
     model maps onto x-transformers (`xt_peer_of`), x-transformers on the same model (`same_as_xt`: weights copied,
     logits equal) in the same interleaved loop; otherwise the reason is logged and kept in the row."""
@@ -679,11 +716,14 @@ def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> l
     ours = formers.create_model(name, **mc)
     if name != "lm":
         if all(hasattr(ours, a) for a in ("img_size", "in_chans", "num_classes")):
-            return _row_recipe_images(recipe, ours, batch, reps, steps, log)
+            return _row_recipe_images(recipe, ours, batch, reps, steps, log, device)
         raise FormersError(f"bench speed --recipe: only language-model (model.name: lm) and image-classification "
                            f"recipes are timed so far; {recipe} builds '{name}'")
     vocab = ours.vocab if hasattr(ours, "vocab") else ours.embed.num_embeddings
     peer, why = xt_peer_of(ours)
+    ours = ours.to(device)
+    if peer is not None:
+        peer = peer.to(device)
     r: dict[str, Any] = {"row": "recipe", "recipe": recipe, "peer": "x-transformers" if peer is not None else None,
                          "params": n_params(ours), "batch": batch, "seq": seq}
     if peer is None:
@@ -699,7 +739,8 @@ def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> l
     if peer is not None:
         sides["peer"] = TrainStep(peer, batch, seq, vocab)
     pf: dict[str, list[int]] = {}
-    times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps, faults=pf)
+    times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps, faults=pf,
+                        sync=device_sync(device))
     fpt = lm_flops_per_token(ours, len(list(ours.stack.blocks)) if hasattr(ours.stack, "blocks") else DEPTH, seq,
                              ours.dim)
     r["flops_per_token"] = fpt
@@ -715,7 +756,8 @@ def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log) -> l
     return [r]
 
 
-def _row_recipe_images(recipe: str, ours, batch: int, reps: int, steps: int, log) -> list[dict]:
+def _row_recipe_images(recipe: str, ours, batch: int, reps: int, steps: int, log,
+                       device: torch.device = CPU) -> list[dict]:
     """An image-classification recipe: training-step images/s at its batch size and image size, against HF's
     ViTForImageClassification on the same model where it maps (`hf_vit_peer_of`; weights copied, logits equal).
     No MFU: the issue's FLOPs formula is the LM's."""
@@ -726,9 +768,11 @@ def _row_recipe_images(recipe: str, ours, batch: int, reps: int, steps: int, log
         peer, why = None, "HF transformers is not installed"
     r: dict[str, Any] = {"row": "recipe", "recipe": recipe, "peer": "HF ViT" if peer is not None else None,
                          "params": n_params(ours), "batch": batch, "image_size": size}
+    ours = ours.to(device)
     if peer is not None:
         vit_into_hf(ours, peer)
-        x = torch.randn(2, chans, size, size, generator=torch.Generator().manual_seed(0))
+        peer = peer.to(device)
+        x = torch.randn(2, chans, size, size, generator=torch.Generator().manual_seed(0)).to(device)
         try:
             with torch.no_grad():
                 r["logits_max_abs_diff"] = check_equal(ours.eval()(x), peer.eval()(pixel_values=x).logits,
@@ -742,7 +786,8 @@ def _row_recipe_images(recipe: str, ours, batch: int, reps: int, steps: int, log
     if peer is not None:
         sides["peer"] = ImageTrainStep(peer, batch, chans, size, classes, hf=True)
     pf: dict[str, list[int]] = {}
-    times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps, faults=pf)
+    times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps, faults=pf,
+                        sync=device_sync(device))
     work = steps * batch
     if peer is not None:
         r.update(_summary(times, work, "images_per_s", pf, per=steps))
@@ -806,8 +851,10 @@ README_START, README_END = "<!-- speed:start -->", "<!-- speed:end -->"
 def readme_section(res: dict) -> str:
     """The README's performance section (the text between the speed markers), from results/peers_speed.json."""
     m = res["meta"]
+    where = f"{m['device']} ({m['cpu']}, {m['threads']} threads)" if m.get("device") else \
+        f"{m['cpu']}, {m['threads']} threads"
     return "\n".join([
-        f"Measured by `{m['command']}` on {m['cpu']}, {m['threads']} threads, torch {m['torch']}, {m['date'][:10]} "
+        f"Measured by `{m['command']}` on {where}, torch {m['torch']}, {m['date'][:10]} "
         f"(matmul peak {m['peak_mm_gflops']} GFLOP/s; every figure is a median of {m['reps']} interleaved "
         "repetitions in one process, both sides eager; the ratio's 90% interval is a paired bootstrap over the "
         "repetitions, how far this machine's noise moves it; page faults: minor faults per call, per step for the "
@@ -846,7 +893,8 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("formers / peer throughput")
     m = res["meta"]
-    ax.set_title(f"formers vs peers, CPU {m['threads']} threads, torch {m['torch']} (dashed: target)", fontsize=9)
+    where = m.get("device") or f"CPU {m['threads']} threads"
+    ax.set_title(f"formers vs peers, {where}, torch {m['torch']} (dashed: target)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -873,8 +921,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=9, help="interleaved repetitions per row (median; >= 7)")
     ap.add_argument("--steps", type=int, default=4, help="training steps per repetition")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    ap.add_argument("--out", default="results/peers_speed.json",
-                    help="JSON file to write, or a folder to write peers_speed.json (and its PNG) into")
+    ap.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N: both sides on that device, "
+                    "each call synchronised; the peak is that device's fp32 matmul")
+    ap.add_argument("--out", default=None,
+                    help="JSON file to write, or a folder to write peers_speed.json (and its PNG) into (default: "
+                    "results/peers_speed.json on the CPU, results/peers_speed_cuda.json on a GPU)")
     ap.add_argument("--readme", default=None, help="README to update between its speed markers "
                     "(default: README.md when writing results/peers_speed.json)")
     a = ap.parse_args(argv)
@@ -883,7 +934,9 @@ def main(argv: list[str] | None = None) -> int:
             raise FormersError(f"bench speed: unknown row '{r}'; rows: {', '.join(ROWS)}")
     if a.reps < 1 or a.steps < 1:
         raise FormersError("bench speed: --reps and --steps must be >= 1 (the issue asks for >= 7 repetitions)")
-    out = out_path(a.out, "peers_speed.json", "bench speed")  # checked before minutes of timing
+    device = resolve_device(a.device)
+    default_out = "results/peers_speed.json" if device.type == "cpu" else f"results/peers_speed_{device.type}.json"
+    out = out_path(a.out or default_out, "peers_speed.json", "bench speed")  # checked before minutes of timing
     if a.recipe:
         from formers.config import load_recipe
 
@@ -893,7 +946,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(a.threads)
     cmd = " ".join(["formers bench speed", *(sys.argv[1:] if argv is None else argv)]).replace(
         "formers bench speed bench speed", "formers bench speed")
-    m = meta(cmd)  # measures the matmul peak just before the rows
+    m = meta(cmd, device)  # measures the matmul peak just before the rows
     m.update(reps=a.reps, steps=a.steps, peers=_versions(), flops_formula=FLOPS_FORMULA,
              config={"vocab": VOCAB, "dim": DIM, "depth": DEPTH, "heads": HEADS, "seq": SEQ, "batch": BATCH,
                      "prompt": PROMPT, "new_tokens": NEW})
@@ -902,14 +955,17 @@ def main(argv: list[str] | None = None) -> int:
     def log(s):
         print(s, flush=True)
 
-    log(f"matmul peak {peak} GFLOP/s, {torch.get_num_threads()} threads, {a.reps} interleaved repetitions per row")
+    where = m.get("device", f"{torch.get_num_threads()} threads")
+    log(f"matmul peak {peak} GFLOP/s, {where}, {a.reps} interleaved repetitions per row")
     rows: list[dict] = []
-    fns = {"lm_train": lambda: row_lm_train(a.reps, a.steps, peak, log), "generate": lambda: row_generate(a.reps, log),
-           "vit_forward": lambda: row_vit(a.reps, log), "packed_encoder": lambda: row_packed(a.reps, log)}
+    fns = {"lm_train": lambda: row_lm_train(a.reps, a.steps, peak, log, device),
+           "generate": lambda: row_generate(a.reps, log, device),
+           "vit_forward": lambda: row_vit(a.reps, log, device),
+           "packed_encoder": lambda: row_packed(a.reps, log, device)}
     for name in a.rows:
         rows += fns[name]()
     for rec in a.recipe:
-        rows += row_recipe(rec, a.reps, a.steps, peak, log)
+        rows += row_recipe(rec, a.reps, a.steps, peak, log, device)
     res = {"meta": m, "rows": rows}
     save(out, m, rows)
     plot(res, out.with_suffix(".png"))

@@ -92,6 +92,23 @@ def functorch_active() -> bool:
     return _functorch_stack is not None and _functorch_stack() is not None
 
 
+def plain_tree(root: nn.Module) -> bool:
+    """`hook_free` and `forward_unpatched` for a module and everything under it, in one walk over `_modules` (what
+    `PreNorm.add_into` asks on every call in inference; `nn.Module.modules()` builds names and a memo set)."""
+    glob = torch.nn.modules.module
+    if (glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
+            or glob._global_backward_pre_hooks):
+        return False
+    todo = [root]
+    while todo:
+        m = todo.pop()
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or "forward" in m.__dict__):
+            return False
+        todo.extend(c for c in m._modules.values() if c is not None)
+    return True
+
+
 def forward_unpatched(*mods: nn.Module) -> bool:
     """No module here has its own `forward` set on the instance (accelerate-style wrappers, monkeypatches): a
     fast path that reads a module's weights instead of calling it must not skip such a replacement."""

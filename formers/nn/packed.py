@@ -36,19 +36,31 @@ __all__ = ["check_seqlens", "lengths_to_seqlens", "sequence_ids", "positions_in_
 def check_seqlens(seqlens: torch.Tensor, total: int | None = None, what: str = "seqlens") -> torch.Tensor:
     """Validate cumulative offsets: 1-D integer, at least [0, n], starting at 0, never decreasing (an empty sequence
     is allowed), ending at `total` when given. Returns them as int64 on their device."""
+    return _checked(_typed(seqlens, what), total, what)[0]
+
+
+def _typed(seqlens: torch.Tensor, what: str = "seqlens") -> torch.Tensor:
+    """The type and shape checks of `check_seqlens` (no device read)."""
     if not isinstance(seqlens, torch.Tensor) or seqlens.dim() != 1 or seqlens.dtype.is_floating_point \
             or seqlens.dtype == torch.bool or seqlens.numel() < 2:
         shape = tuple(seqlens.shape) if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__
         raise FormersError(f"{what} must be a 1-D integer tensor of cumulative offsets like tensor([0, 5, 12]), "
                            f"got {shape}")
-    seqlens = seqlens.long()
-    if int(seqlens[0]) != 0 or bool((seqlens.diff() < 0).any()):
-        raise FormersError(f"{what} must start at 0 and never decrease (cumulative offsets, e.g. "
-                           f"lengths [5, 7] -> [0, 5, 12]); got {seqlens.tolist()}")
-    if total is not None and int(seqlens[-1]) != total:
-        raise FormersError(f"{what} must end at the number of packed tokens {total}, got {int(seqlens[-1])} "
-                           f"(seqlens {seqlens.tolist()})")
     return seqlens
+
+
+def _checked(seqlens: torch.Tensor, total: int | None, what: str = "seqlens") -> tuple[torch.Tensor, list[int]]:
+    """The value checks of `check_seqlens`: (int64 offsets, the same as a host list), read from the device once (on
+    a GPU every read is a synchronisation)."""
+    seqlens = seqlens.long()
+    host = seqlens.tolist()
+    if host[0] != 0 or any(b < a for a, b in zip(host, host[1:])):
+        raise FormersError(f"{what} must start at 0 and never decrease (cumulative offsets, e.g. "
+                           f"lengths [5, 7] -> [0, 5, 12]); got {host}")
+    if total is not None and host[-1] != total:
+        raise FormersError(f"{what} must end at the number of packed tokens {total}, got {host[-1]} "
+                           f"(seqlens {host})")
+    return seqlens, host
 
 
 def lengths_to_seqlens(lengths: torch.Tensor | Sequence[int], device=None) -> torch.Tensor:
@@ -173,10 +185,13 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         raise FormersError(f"varlen_attention: expected q, k (H, T, Dh) of one shape and v (H, T, Dv), got "
                            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     H, T, _ = q.shape
-    seqlens = check_seqlens(seqlens, T)
-    lengths = seqlens.diff().tolist()
-    starts = seqlens[:-1].tolist()
+    seqlens, host = _checked(_typed(seqlens), T)
+    lengths = [b - a for a, b in zip(host, host[1:])]
+    starts = host[:-1]
     dev = q.device
+    if (dev.type == "cuda" and _JAGGED_SDPA and not causal and attend is None and bias is None and lengths
+            and min(lengths) > 0):  # torch's jagged SDPA takes no is_causal
+        return _jagged_attention(q, k, v, seqlens, scale, dropout_p, min(lengths), max(lengths))
     # token-major (T, H, Dh): a bucket is then a gather of whole rows (a free view for the projections' layout;
     # gathering along T of a head-major tensor would copy all of it once per bucket)
     qt, kt, vt = (t.transpose(0, 1).contiguous() for t in (q, k, v))
@@ -191,7 +206,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
         idx = (start[:, None] + torch.minimum(steps[None, :], lens[:, None] - 1)).reshape(-1)  # (n_b * m,)
         qb, kb, vb = (t.index_select(0, idx).view(n, m, H, -1).transpose(1, 2)
                       for t in (qt, kt, vt))  # (n_b, H, m, Dh)
-        padded = bool((lens < m).any())
+        padded = any(lengths[i] < m for i in bucket)  # from the host's lengths: no device sync
         key_mask = valid[:, None, None, :] if padded else None  # (n_b, 1, 1, m)
         b = bias(m) if bias is not None else None  # (H, m, m)
         if attend is not None:
@@ -221,6 +236,25 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     where = torch.empty(T, dtype=torch.long, device=dev)
     where[torch.cat(order)] = torch.arange(T, device=dev)  # packed position -> place in bucket order
     return y.index_select(0, where).transpose(0, 1)  # (H, T, Dv), a view of token-major storage
+
+
+_JAGGED_SDPA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA on jagged nested tensors
+
+
+def _jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor,
+                      scale: float | None, dropout_p: float, shortest: int | None = None,
+                      longest: int | None = None) -> torch.Tensor:
+    """`varlen_attention` on a CUDA GPU, not causal, with no bias and no explicit path: one SDPA call on jagged
+    nested tensors (torch's variable-length kernels, offsets = seqlens) instead of a loop over length buckets, where
+    a GPU pays for every launch and host sync. q, k, v (H, T, Dh) -> (H, T, Dv); tests/test_cuda.py checks values
+    and gradients against a naive loop over the sequences (and tests/test_packed.py the same on the CPU, where
+    torch's math kernel runs it). `shortest` and `longest` (known on the host) spare torch a device read of each."""
+    off = seqlens.to(torch.int64)
+    qn, kn, vn = (torch.nested.nested_tensor_from_jagged(t.transpose(0, 1).contiguous(), off, min_seqlen=shortest,
+                                                         max_seqlen=longest).transpose(1, 2)
+                  for t in (q, k, v))  # (B, H, j, Dh)
+    y = F.scaled_dot_product_attention(qn, kn, vn, dropout_p=dropout_p, scale=scale)
+    return y.transpose(1, 2).values().transpose(0, 1)  # (H, T, Dv)
 
 
 # ----------------------------------------------------------------------------------- the softmax mixer, packed

@@ -747,11 +747,13 @@ class ProbSparseAttention(nn.Module):
         return min(length, max(1, self.factor * math.ceil(math.log(length))))
 
     def sample_keys(self, nq: int, nk: int, online: bool, device=None) -> torch.Tensor:
-        """(nq, U) sampled key indices per query: uniform over all nk keys, or over 0..i when online."""
-        gen = None if self.seed is None else torch.Generator(device=device).manual_seed(self.seed)
-        r = torch.rand(nq, self.budget(nk), generator=gen, device=device, dtype=torch.float64)
-        limit = torch.arange(1, nq + 1, device=device)[:, None] if online else torch.full((1, 1), nk, device=device)
-        return torch.minimum((r * limit).long(), limit - 1)
+        """(nq, U) sampled key indices per query: uniform over all nk keys, or over 0..i when online. Drawn on the
+        CPU and moved to `device`, so that a seed samples the same keys on every device (a CUDA generator with the
+        same seed draws other numbers; tests/test_cuda.py)."""
+        gen = None if self.seed is None else torch.Generator().manual_seed(self.seed)
+        r = torch.rand(nq, self.budget(nk), generator=gen, dtype=torch.float64)
+        limit = torch.arange(1, nq + 1)[:, None] if online else torch.full((1, 1), nk)
+        return torch.minimum((r * limit).long(), limit - 1).to(device)
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, positions=None,
                 cache: KVCache | None = None, context: torch.Tensor | None = None,
