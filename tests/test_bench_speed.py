@@ -405,3 +405,22 @@ def test_readme_section_names_the_gpu_when_there_is_one():
     assert "on NVIDIA H200 (Xeon, 16 threads)" in speed.readme_section(res)
     del res["meta"]["device"]
     assert "on Xeon, 16 threads" in speed.readme_section(res)
+
+
+def test_a_gpu_run_never_writes_the_cpu_results_or_the_readme(tmp_path, monkeypatch):
+    """`--device cuda --out FOLDER` writes peers_speed_cuda.json there, and the README's table (the CPU's) is not
+    touched even when the folder is results/."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text(f"x\n{speed.README_START}\nCPU table\n{speed.README_END}\n")
+    monkeypatch.setattr(speed, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(speed, "row_packed", lambda reps, log, device: [
+        {"row": "packed_encoder", "peer": "formers padded", "peer_setting": "key-padding mask", "params": 1,
+         "formers_tokens_per_s": 2.0, "formers_runs": [2.0], "peer_tokens_per_s": 1.0, "peer_runs": [1.0],
+         "ratio": 2.0}])
+    monkeypatch.setattr(speed, "meta", lambda cmd, device=None: {"peak_mm_gflops": 1.0, "cpu": "test", "threads": 1,
+                                                                  "torch": torch.__version__, "date": "2026-01-01",
+                                                                  "device": "GPU"})
+    assert speed.main(["--rows", "packed_encoder", "--reps", "1", "--device", "cuda", "--out", "results"]) == 0
+    assert (tmp_path / "results" / "peers_speed_cuda.json").exists()
+    assert not (tmp_path / "results" / "peers_speed.json").exists()
+    assert "CPU table" in (tmp_path / "README.md").read_text()

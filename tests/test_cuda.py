@@ -207,10 +207,15 @@ def test_trainer_on_the_gpu_bf16_tracks_float32_and_its_weights_load_on_the_cpu(
 
 
 @pytest.mark.parametrize("causal", [False, True])
-def test_packed_attention_on_the_gpu_matches_a_loop_over_the_sequences(causal):
+def test_packed_attention_on_the_gpu_matches_a_loop_over_the_sequences(causal, monkeypatch):
     """Not causal: the jagged one-call path; causal: the bucket loop. Against plain softmax attention per sequence in
     float64 on the CPU; values and gradients."""
+    from formers.nn import packed
     from formers.nn.packed import lengths_to_seqlens, varlen_attention
+
+    jagged = []
+    real = packed._jagged_attention
+    monkeypatch.setattr(packed, "_jagged_attention", lambda *a, **k: jagged.append(1) or real(*a, **k))
 
     lengths = [37, 1, 200, 64, 64, 5, 129]
     H, T, D = 4, sum(lengths), 64
@@ -228,7 +233,8 @@ def test_packed_attention_on_the_gpu_matches_a_loop_over_the_sequences(causal):
     ref = torch.cat([ref_one(*(t[:, a:b] for t in leaves)) for a, b in zip([0, *ends[:-1]], ends)], dim=1)
     ref_grads = torch.autograd.grad(ref, leaves, dy)
     gpu = [t.float().to(CUDA).requires_grad_(True) for t in (q, k, v)]
-    y = varlen_attention(*gpu, lengths_to_seqlens(lengths, device=CUDA), D ** -0.5, causal)
+    y = varlen_attention(*gpu, lengths_to_seqlens(lengths), D ** -0.5, causal)  # CPU offsets are accepted too
+    assert bool(jagged) == (not causal)  # the path this case is about ran
     grads = torch.autograd.grad(y, gpu, dy.float().to(CUDA))
     assert (y.double().cpu() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
     for a, b in zip(grads, ref_grads):

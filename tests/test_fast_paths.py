@@ -613,7 +613,7 @@ def _fusion_off():
 
     from formers.blocks import PreNorm
 
-    return mock.patch.object(PreNorm, "_fuses_residual", lambda self, mods=None: False)
+    return mock.patch.object(PreNorm, "_fuses_residual", lambda self, whole=False: False)
 
 
 def _plain(fn, *args):

@@ -68,7 +68,7 @@ def machine_peak_gflops(device: torch.device | str | None = None) -> float:
     dev = torch.device(device or "cpu")
     a, b = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
     c = torch.empty(2048, 2048, device=dev)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     for _ in range(3):  # warm-up: thread pool, page faults, clocks; a cold first run under-states the peak
         torch.mm(a, b, out=c)
     sync()

@@ -935,8 +935,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.reps < 1 or a.steps < 1:
         raise FormersError("bench speed: --reps and --steps must be >= 1 (the issue asks for >= 7 repetitions)")
     device = resolve_device(a.device)
-    default_out = "results/peers_speed.json" if device.type == "cpu" else f"results/peers_speed_{device.type}.json"
-    out = out_path(a.out or default_out, "peers_speed.json", "bench speed")  # checked before minutes of timing
+    name = "peers_speed.json" if device.type == "cpu" else f"peers_speed_{device.type}.json"  # never the CPU's file
+    out = out_path(a.out or f"results/{name}", name, "bench speed")  # checked before minutes of timing
     if a.recipe:
         from formers.config import load_recipe
 
@@ -970,7 +970,8 @@ def main(argv: list[str] | None = None) -> int:
     save(out, m, rows)
     plot(res, out.with_suffix(".png"))
     print(table(res))
-    readme = Path(a.readme) if a.readme else (Path("README.md") if out == Path("results/peers_speed.json") else None)
+    readme = Path(a.readme) if a.readme else (Path("README.md") if out == Path("results/peers_speed.json")
+                                              and device.type == "cpu" else None)  # the README's table is the CPU's
     if readme is not None and readme.exists() and update_readme(res, readme):
         log(f"updated the performance section of {readme}")
     log(f"wrote {out} and {out.with_suffix('.png')}")

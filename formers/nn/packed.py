@@ -249,7 +249,7 @@ def _jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens
     a GPU pays for every launch and host sync. q, k, v (H, T, Dh) -> (H, T, Dv); tests/test_cuda.py checks values
     and gradients against a naive loop over the sequences (and tests/test_packed.py the same on the CPU, where
     torch's math kernel runs it). `shortest` and `longest` (known on the host) spare torch a device read of each."""
-    off = seqlens.to(torch.int64)
+    off = seqlens.to(device=q.device, dtype=torch.int64)  # a caller may hand CPU offsets with CUDA q, k, v
     qn, kn, vn = (torch.nested.nested_tensor_from_jagged(t.transpose(0, 1).contiguous(), off, min_seqlen=shortest,
                                                          max_seqlen=longest).transpose(1, 2)
                   for t in (q, k, v))  # (B, H, j, Dh)
