@@ -255,3 +255,51 @@ def test_packed_encoder_on_the_gpu_equals_padded():
         padded = model.forward_features(idx, mask=mask)[mask]
         packed = model.forward_features_packed(ids, seqlens).reshape(-1, 64)
     assert (packed - padded).abs().max().item() <= 1e-4 * padded.abs().max().item()
+
+
+def _same_on_both_multi(make, args, tol=1e-9):
+    """`_same_on_both` for models of several inputs (a tuple; integer ones are not differentiated) or keyword
+    inputs (a dict)."""
+    torch.manual_seed(0)
+    cpu = make().double().eval()
+    gpu = copy.deepcopy(cpu).to(CUDA)
+
+    def run(model, dev):
+        torch.manual_seed(0)  # Informer's ProbSparse draws from the global generator (the CPU's on every device)
+        model.zero_grad(set_to_none=True)
+        moved = {k: v.to(dev) for k, v in args.items()} if isinstance(args, dict) else [a.to(dev) for a in args]
+        out = model(**moved) if isinstance(args, dict) else model(*moved)
+        weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=out.device)
+        (out * weights).sum().backward()
+        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    return _differs(*run(cpu, torch.device("cpu")), *run(gpu, CUDA), tol)
+
+
+def test_forecasting_and_encoder_models_compute_the_same_on_the_gpu_as_on_the_cpu():
+    g = torch.Generator().manual_seed(0)
+    x_enc, mark_enc = torch.randn(2, 24, 3, generator=g, dtype=torch.float64), torch.rand(2, 24, 4, generator=g)
+    x_dec = torch.cat([torch.randn(2, 12, 3, generator=g), torch.zeros(2, 4, 3)], 1).double()
+    mark_dec = torch.rand(2, 16, 4, generator=g).double()
+    informer_args = (x_enc, mark_enc.double() - 0.5, x_dec, mark_dec - 0.5)
+    small = dict(enc_in=3, dec_in=3, c_out=3, pred_len=4, mark_dim=4, d_model=16, heads=2, d_ff=24, dropout=0.0)
+    ids = torch.randint(0, 50, (2, 20), generator=g)
+    mask = torch.arange(20)[None] < torch.tensor([[20], [7]])
+    cases = {name: (lambda n=name: formers.create_model(n, **small), informer_args)
+             for name in ("informer", "informer_full", "informer_stack")}
+    cases["dlinear"] = (lambda: formers.create_model("dlinear", seq_len=24, pred_len=4, enc_in=3, c_out=3), (x_enc,))
+    cases["dual_encoder"] = (lambda: formers.create_model("dual_encoder", vocab=50, dim=32, depth=2, max_len=40,
+                                                          num_classes=3),
+                             (torch.randint(0, 50, (2, 2, 10), generator=g),))
+    cases["encoder_masked"] = (lambda: formers.create_model("encoder", vocab=50, dim=32, depth=2, max_len=40,
+                                                            pool="mean", num_classes=3),
+                               {"idx": ids, "mask": mask})
+    failures = []
+    for name, (make, args) in cases.items():
+        try:
+            msg = _same_on_both_multi(make, args)
+        except Exception as e:
+            msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        if msg:
+            failures.append(f"{name}: {msg}")
+    assert not failures, "\n".join(failures)
