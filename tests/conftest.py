@@ -11,8 +11,8 @@ TINY_LM = {
     "model": {"name": "lm", "dim": 32, "depth": 2, "block": {"mixer": {"name": "softmax", "heads": 4}}},
     "task": {"name": "lm_bytes", "corpus": "stdlib", "seq_len": 32, "eval_limit": 2048, "sample_tokens": 20},
     "train": {"steps": 20, "batch_size": 4, "lr": 3e-3, "eval_every": 10, "ckpt_every": 10, "progress": False,
-              "schedule": {"name": "cosine", "warmup": 2}, "threads": 1, "device": "cpu"},
-}  # device cpu: tests that compare runs to float rounding hold on a GPU machine too (there auto is a GPU in bf16)
+              "schedule": {"name": "cosine", "warmup": 2}, "threads": 1},
+}
 
 
 @pytest.fixture

@@ -57,21 +57,24 @@ def _cases():
         yield f"position-{name}", lambda n=name: _lm(position=n), "lm"
 
 
-def _run(model, x, kind):
-    """Outputs, and the gradients of a loss of them with respect to every parameter (and to float inputs)."""
+def _run(model, args, kind, dev):
+    """Outputs, and the gradients of a loss of them with respect to every parameter and every float input. `args`
+    is a tuple of positional inputs or a dict of keyword ones; `kind` "lm" is next-token cross-entropy on the first
+    input, anything else a fixed weighted sum of the outputs."""
+    torch.manual_seed(0)  # Informer's ProbSparse draws from the global generator (the CPU's on every device)
     model.zero_grad(set_to_none=True)
-    if x.is_floating_point():
-        x = x.detach().requires_grad_(True)
-    out = model(x)
+    named = dict(enumerate(args)) if isinstance(args, tuple) else dict(args)
+    named = {k: (v.to(dev).requires_grad_(True) if v.is_floating_point() else v.to(dev)) for k, v in named.items()}
+    out = model(*named.values()) if isinstance(args, tuple) else model(**named)
     if kind == "lm":
-        loss = F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), x[:, 1:].reshape(-1))
+        ids = named[0]
+        loss = F.cross_entropy(out[:, :-1].reshape(-1, out.shape[-1]), ids[:, 1:].reshape(-1))
     else:
         loss = (out * torch.linspace(-1, 1, out.shape[-1], device=out.device, dtype=out.dtype)).sum()
     loss = loss + sum(formers.aux_losses(model).values(), torch.zeros((), device=out.device, dtype=out.dtype))
     loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    if x.is_floating_point():
-        grads["<input>"] = x.grad
+    grads.update({f"<input {k}>": v.grad for k, v in named.items() if v.is_floating_point()})
     return out.detach(), grads
 
 
@@ -93,11 +96,13 @@ def _differs(a_out, a_grads, b_out, b_grads, tol):
     return f"gradients differ: {bad[:4]}" if bad else None
 
 
-def _same_on_both(make, x, kind, tol=1e-9):
+def _same_on_both(make, args, kind="sum", tol=1e-9):
+    """A message when `make()` computes other outputs or gradients on the GPU than on the CPU (both float64), else
+    None."""
     torch.manual_seed(0)
     cpu = make().double().eval()  # eval: no dropout masks to match; gradients still flow
     gpu = copy.deepcopy(cpu).to(CUDA)
-    return _differs(*_run(cpu, x, kind), *_run(gpu, x.to(CUDA), kind), tol)
+    return _differs(*_run(cpu, args, kind, torch.device("cpu")), *_run(gpu, args, kind, CUDA), tol)
 
 
 def test_every_component_computes_the_same_on_the_gpu_as_on_the_cpu():
@@ -107,7 +112,7 @@ def test_every_component_computes_the_same_on_the_gpu_as_on_the_cpu():
     cases = list(_cases())
     for name, make, kind in cases:
         try:
-            msg = _same_on_both(make, ids_lm if kind == "lm" else ids_enc, kind)
+            msg = _same_on_both(make, (ids_lm if kind == "lm" else ids_enc,), kind)
         except Exception as e:  # a crash on the GPU is a failure too; name it and go on to the next
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         if msg:
@@ -128,7 +133,7 @@ def test_every_tiny_vision_model_computes_the_same_on_the_gpu_as_on_the_cpu():
             checked += 1
             x = torch.randn(2, model.in_chans, model.img_size, model.img_size,
                             generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-            msg = _same_on_both(lambda m=model: m, x, "image")
+            msg = _same_on_both(lambda m=model: m, (x,))
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         if msg:
@@ -257,25 +262,6 @@ def test_packed_encoder_on_the_gpu_equals_padded():
     assert (packed - padded).abs().max().item() <= 1e-4 * padded.abs().max().item()
 
 
-def _same_on_both_multi(make, args, tol=1e-9):
-    """`_same_on_both` for models of several inputs (a tuple; integer ones are not differentiated) or keyword
-    inputs (a dict)."""
-    torch.manual_seed(0)
-    cpu = make().double().eval()
-    gpu = copy.deepcopy(cpu).to(CUDA)
-
-    def run(model, dev):
-        torch.manual_seed(0)  # Informer's ProbSparse draws from the global generator (the CPU's on every device)
-        model.zero_grad(set_to_none=True)
-        moved = {k: v.to(dev) for k, v in args.items()} if isinstance(args, dict) else [a.to(dev) for a in args]
-        out = model(**moved) if isinstance(args, dict) else model(*moved)
-        weights = torch.linspace(-1, 1, out.shape[-1], dtype=out.dtype, device=out.device)
-        (out * weights).sum().backward()
-        return out.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-
-    return _differs(*run(cpu, torch.device("cpu")), *run(gpu, CUDA), tol)
-
-
 def test_forecasting_and_encoder_models_compute_the_same_on_the_gpu_as_on_the_cpu():
     g = torch.Generator().manual_seed(0)
     x_enc, mark_enc = torch.randn(2, 24, 3, generator=g, dtype=torch.float64), torch.rand(2, 24, 4, generator=g)
@@ -297,7 +283,7 @@ def test_forecasting_and_encoder_models_compute_the_same_on_the_gpu_as_on_the_cp
     failures = []
     for name, (make, args) in cases.items():
         try:
-            msg = _same_on_both_multi(make, args)
+            msg = _same_on_both(make, args)
         except Exception as e:
             msg = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
         if msg:

@@ -219,8 +219,7 @@ def test_channels_last_training_equals_the_default_layout(tmp_path):
     for cl in (False, True):
         cfg = {"model": {"name": "cnn_small"}, "task": {"name": "image_classification", "dataset": "digits"},
                "train": {"steps": 4, "batch_size": 8, "lr": 3e-3, "eval_every": 100, "ckpt_every": 2,
-                         "log_every": 1, "progress": False, "sample": False, "channels_last": cl,
-                         "device": "cpu"}}  # float32 on the CPU; a GPU's auto precision is bf16
+                         "log_every": 1, "progress": False, "sample": False, "channels_last": cl}}
         trainer = Trainer(cfg, tmp_path / str(cl))
         convs = [p for p in trainer.model.parameters() if p.dim() == 4]
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs) == cl

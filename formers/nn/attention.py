@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.nn.hooks import autocast_on, forward_unpatched, functorch_active, hook_free
+from formers.nn.hooks import autocast_on, forward_unpatched, functorch_active, hook_free, torch_at_least
 from formers.registry import FormersError, register
 
 
@@ -218,7 +218,7 @@ def _takes_causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop
             and torch.backends.cuda.flash_sdp_enabled() and not autocast_on("cpu") and not functorch_active())
 
 
-_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # `enable_gqa` came in torch 2.5
+_SDPA_GQA = torch_at_least(2, 5)  # `enable_gqa` came in torch 2.5
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
@@ -356,8 +356,9 @@ class SoftmaxAttention(nn.Module):
                 if allowed is not None:
                     attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
             y = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=self.scale)
-        if empty is not None and (y.device.type != "cpu" or bool(empty.any())):  # on a GPU the fill costs less
-            y = y.masked_fill(empty, 0.0)                                       # than the host reading `any`
+        # rows with no key are zeroed; on a GPU the fill costs less than the host reading `empty.any()`
+        if empty is not None and (y.device.type != "cpu" or bool(empty.any())):
+            y = y.masked_fill(empty, 0.0)
         y = self.output_mod(y, x)
         out = self.out
         if fold:  # the value bias, which every softmax row (weights summing to 1) passes on whole, joins b_o

@@ -61,11 +61,21 @@ def set_step(model: nn.Module, step: int) -> None:
         model.set_step(step)
 
 
+def _global_hooks() -> bool:
+    """Whether a module hook is registered for every module (`torch.nn.modules.module.register_module_*_hook`)."""
+    glob = torch.nn.modules.module
+    return bool(glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
+                or glob._global_backward_pre_hooks)
+
+
+def torch_at_least(major: int, minor: int) -> bool:
+    """Whether the installed torch is at least major.minor (for features that came in a given release)."""
+    return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (major, minor)
+
+
 def hook_free(*mods: nn.Module) -> bool:
     """No hooks of any kind on these modules, nor global ones: a fast path that skips their forward may run."""
-    glob = torch.nn.modules.module
-    if (glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
-            or glob._global_backward_pre_hooks):
+    if _global_hooks():
         return False
     return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
                    for m in mods)
@@ -95,9 +105,7 @@ def functorch_active() -> bool:
 def plain_tree(root: nn.Module) -> bool:
     """`hook_free` and `forward_unpatched` for a module and everything under it, in one walk over `_modules` (what
     `PreNorm.add_into` asks on every call in inference; `nn.Module.modules()` builds names and a memo set)."""
-    glob = torch.nn.modules.module
-    if (glob._global_forward_hooks or glob._global_forward_pre_hooks or glob._global_backward_hooks
-            or glob._global_backward_pre_hooks):
+    if _global_hooks():
         return False
     todo = [root]
     while todo:

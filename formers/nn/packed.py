@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from formers.nn.hooks import torch_at_least
 from formers.registry import FormersError
 
 __all__ = ["check_seqlens", "lengths_to_seqlens", "sequence_ids", "positions_in_sequence", "pack", "unpack",
@@ -36,22 +37,17 @@ __all__ = ["check_seqlens", "lengths_to_seqlens", "sequence_ids", "positions_in_
 def check_seqlens(seqlens: torch.Tensor, total: int | None = None, what: str = "seqlens") -> torch.Tensor:
     """Validate cumulative offsets: 1-D integer, at least [0, n], starting at 0, never decreasing (an empty sequence
     is allowed), ending at `total` when given. Returns them as int64 on their device."""
-    return _checked(_typed(seqlens, what), total, what)[0]
+    return _offsets(seqlens, total, what)[0]
 
 
-def _typed(seqlens: torch.Tensor, what: str = "seqlens") -> torch.Tensor:
-    """The type and shape checks of `check_seqlens` (no device read)."""
+def _offsets(seqlens: torch.Tensor, total: int | None, what: str = "seqlens") -> tuple[torch.Tensor, list[int]]:
+    """`check_seqlens`, also returning the offsets as a host list: read from the device once (on a GPU every read
+    is a synchronisation)."""
     if not isinstance(seqlens, torch.Tensor) or seqlens.dim() != 1 or seqlens.dtype.is_floating_point \
             or seqlens.dtype == torch.bool or seqlens.numel() < 2:
         shape = tuple(seqlens.shape) if isinstance(seqlens, torch.Tensor) else type(seqlens).__name__
         raise FormersError(f"{what} must be a 1-D integer tensor of cumulative offsets like tensor([0, 5, 12]), "
                            f"got {shape}")
-    return seqlens
-
-
-def _checked(seqlens: torch.Tensor, total: int | None, what: str = "seqlens") -> tuple[torch.Tensor, list[int]]:
-    """The value checks of `check_seqlens`: (int64 offsets, the same as a host list), read from the device once (on
-    a GPU every read is a synchronisation)."""
     seqlens = seqlens.long()
     host = seqlens.tolist()
     if host[0] != 0 or any(b < a for a, b in zip(host, host[1:])):
@@ -184,8 +180,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     if q.dim() != 3 or k.shape != q.shape or v.shape[:2] != q.shape[:2]:
         raise FormersError(f"varlen_attention: expected q, k (H, T, Dh) of one shape and v (H, T, Dv), got "
                            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    seqlens, host = _offsets(seqlens, q.shape[1])
+    return _varlen(q, k, v, seqlens, host, scale, causal, dropout_p, bias, attend, tol)
+
+
+def _varlen(q, k, v, seqlens: torch.Tensor, host: list[int], scale, causal, dropout_p, bias, attend,
+            tol) -> torch.Tensor:
+    """`varlen_attention` on checked inputs: `seqlens` int64 offsets and `host` the same as a list."""
     H, T, _ = q.shape
-    seqlens, host = _checked(_typed(seqlens), T)
     lengths = [b - a for a, b in zip(host, host[1:])]
     starts = host[:-1]
     dev = q.device
@@ -238,7 +240,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens:
     return y.index_select(0, where).transpose(0, 1)  # (H, T, Dv), a view of token-major storage
 
 
-_JAGGED_SDPA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)  # SDPA on jagged nested tensors
+_JAGGED_SDPA = torch_at_least(2, 5)  # SDPA on jagged nested tensors
 
 
 def _jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens: torch.Tensor,
@@ -293,7 +295,7 @@ def packed_self_attention(attn, x: torch.Tensor, seqlens: torch.Tensor, *, mask:
         raise FormersError(f"{name}: packed sequences (seqlens) need x of shape (1, T, D), got {tuple(x.shape)}")
     _, T, _ = x.shape
     H, Hkv, Dh = attn.heads, attn.kv_heads, attn.head_dim
-    seqlens = check_seqlens(seqlens.to(x.device), T)
+    seqlens, host = _offsets(seqlens.to(x.device), T)
     fusable = getattr(attn, "_fusable", None)
     if fusable is not None and fusable():  # one matmul for q, k, v where the mixer offers it
         q, k, v = attn._fused_qkv(x)  # (1, H, T, Dh), (1, Hkv, T, Dh) x 2
@@ -317,6 +319,6 @@ def packed_self_attention(attn, x: torch.Tensor, seqlens: torch.Tensor, *, mask:
     if attn._needs_explicit():
         def attend(qb, kb, vb, allowed, b):
             return attn._explicit(qb, kb, vb, allowed, b, drop)
-    y = varlen_attention(q, k, v, seqlens, attn.scale, attn.causal, dropout_p=drop, bias=bias, attend=attend)
+    y = _varlen(q, k, v, seqlens, host, attn.scale, attn.causal, drop, bias, attend, 0.0)  # seqlens checked above
     y = attn.output_mod(y[None], x)  # (1, H, T, Dh)
     return y.transpose(1, 2).reshape(1, T, H * Dh)
