@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 import formers
+from formers.nn.hooks import torch_at_least
 from formers.train.checkpoint import list_checkpoints, save_weights
 from formers.train.trainer import TrainConfig
 
@@ -184,3 +185,56 @@ def test_train_config_validation():
         TrainConfig.from_dict({"batch_size": 0})
     with pytest.raises(formers.FormersError, match="train.grad_clip: expected float or null"):
         TrainConfig.from_dict({"grad_clip": "big"})
+
+
+@pytest.mark.parametrize("name", ["adamw", "adam"])
+def test_fused_optimizer_is_adam_as_written(name):
+    """The trainer's Adam/AdamW take torch's fused kernel on a CPU; 5 steps of it equal a plain Adam/AdamW written
+    here from the paper's update (bias-corrected moments; AdamW's decay decoupled, Adam's added to the gradient),
+    with the trainer's two param groups (decay / no decay), in float64."""
+    from formers.registry import build
+    from formers.train.optim import fusable, param_groups
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.LayerNorm(5), torch.nn.Linear(5, 3)).double()
+    ref = [p.detach().clone() for p in model.parameters()]
+    groups = param_groups(model, weight_decay=0.1)
+    assert fusable(groups) == torch_at_least(2, 4)
+    lr, b1, b2, eps = 1e-2, 0.9, 0.95, 1e-8
+    opt = build("optimizer", {"name": name, "betas": [b1, b2]}, path="train.optimizer", params=groups, lr=lr)
+    assert opt.defaults.get("fused") == (True if fusable(groups) else None)
+    decay = {id(p) for p in groups[0]["params"]}
+    m = [torch.zeros_like(p) for p in ref]
+    v = [torch.zeros_like(p) for p in ref]
+    for t in range(1, 6):
+        grads = [torch.randn_like(p) for p in ref]
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.clone()
+        opt.step()
+        for i, (p, g, q) in enumerate(zip(ref, grads, model.parameters())):
+            wd = 0.1 if id(q) in decay else 0.0
+            if name == "adamw":
+                p.mul_(1 - lr * wd)
+            else:
+                g = g + wd * p
+            m[i] = b1 * m[i] + (1 - b1) * g
+            v[i] = b2 * v[i] + (1 - b2) * g * g
+            p.sub_(lr * (m[i] / (1 - b1 ** t)) / ((v[i] / (1 - b2 ** t)).sqrt() + eps))
+    for p, q in zip(ref, model.parameters()):
+        torch.testing.assert_close(q.detach(), p, rtol=1e-12, atol=1e-12)
+
+
+def test_fused_optimizer_only_where_torch_has_it():
+    """A meta parameter, an integer tensor or a tensor subclass (FSDP's sharded DTensor is one) falls back to torch's
+    default implementation."""
+    from formers.train.optim import fusable
+
+    class Sub(torch.Tensor):
+        pass
+
+    cpu = torch.nn.Parameter(torch.zeros(3))
+    assert fusable([cpu]) == torch_at_least(2, 4)
+    assert not fusable([torch.nn.Parameter(torch.zeros(3, device="meta"))])
+    assert not fusable([cpu, torch.zeros(3, dtype=torch.long)])
+    assert not fusable([])
+    assert not fusable([{"params": [cpu]}, {"params": [torch.zeros(3).as_subclass(Sub)]}])

@@ -2,6 +2,12 @@
 
 Parameters are split in two groups: matrices get weight decay; norms, biases, embeddings and other vectors do not
 (the GPT-2 / nanoGPT convention).
+
+Adam and AdamW take torch's fused kernel (`fused=True`: one pass over each parameter and its two moments instead of
+about ten, and one call for all of them) where every parameter is a floating-point tensor on a CPU or a CUDA device
+and torch >= 2.4; otherwise torch's default implementation. The update is the same algorithm up to float rounding
+(tests/test_train.py checks both against each other). On the benchmark LM (3.3M parameters, 2-core Xeon) a step of
+the optimizer took 2.2 ms fused and 6.7 ms with torch's CPU default (a loop over the parameters).
 """
 
 from __future__ import annotations
@@ -11,7 +17,21 @@ import math
 import torch
 from torch import nn
 
+from formers.nn.hooks import torch_at_least
 from formers.registry import FormersError, register
+
+_FUSED_CPU = torch_at_least(2, 4)  # torch's fused Adam/AdamW runs on a CPU from 2.4
+
+
+def fusable(params) -> bool:
+    """Whether torch's fused Adam/AdamW kernel takes these parameters (tensors or param-group dicts): every one a
+    floating-point plain tensor (no subclass such as a sharded DTensor) on a CPU (torch >= 2.4) or a CUDA device,
+    all on one device type."""
+    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    kinds = {t.device.type for t in tensors}
+    plain = all(type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point() for t in tensors)
+    one_kind = len(kinds) == 1 and kinds <= {"cpu", "cuda"}
+    return bool(tensors) and plain and one_kind and (_FUSED_CPU or "cpu" not in kinds)
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -31,13 +51,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 @register("optimizer", "adamw", paper="baseline")
 def adamw(params, lr: float, betas: tuple = (0.9, 0.95), eps: float = 1e-8):
     """AdamW (Loshchilov & Hutter): Adam with decoupled weight decay."""
-    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps)
+    params = list(params)
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, fused=fusable(params) or None)
 
 
 @register("optimizer", "adam", paper="baseline")
 def adam(params, lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
     """Adam (Kingma & Ba); weight decay, if any, is the coupled L2 form."""
-    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps)
+    params = list(params)
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, fused=fusable(params) or None)
 
 
 @register("optimizer", "sgd", paper="baseline")
