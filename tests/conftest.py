@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 import yaml
@@ -28,16 +30,34 @@ def _seed():
     torch.manual_seed(0)
 
 
-@pytest.fixture(autouse=True)
-def _cpu_unless_a_cuda_test(request, monkeypatch):
-    """On a machine with a GPU, `train.device=auto` trains there in bf16 and changes the numbers this suite pins on
-    the CPU (float rounding, resumes, equal runs). Every test but tests/test_cuda.py (the GPU's own checks) therefore
-    gets the CPU for `auto`, and the processes it starts see no GPU. Nothing changes on a machine without one."""
-    if request.node.path.name == "test_cuda.py" or not torch.cuda.is_available():
-        return
+_REAL_RESOLVE = None  # formers.train.distributed.resolve_device, kept while the CPU stands in for `auto`
+_VISIBLE = os.environ.get("CUDA_VISIBLE_DEVICES")
+
+
+def _auto_means_cpu(on: bool) -> None:
+    """`train.device=auto` resolves to the CPU and started processes see no GPU (on), or both as torch has them."""
+    global _REAL_RESOLVE
     from formers.train import distributed
 
-    real = distributed.resolve_device
-    monkeypatch.setattr(distributed, "resolve_device",
-                        lambda name, local_rank=0: real("cpu" if name == "auto" else name, local_rank))
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    if _REAL_RESOLVE is None:
+        _REAL_RESOLVE = distributed.resolve_device
+    real = _REAL_RESOLVE
+    distributed.resolve_device = ((lambda name, local_rank=0: real("cpu" if name == "auto" else name, local_rank))
+                                  if on else real)
+    if on:
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    elif _VISIBLE is None:
+        os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        os.environ["CUDA_VISIBLE_DEVICES"] = _VISIBLE
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """On a machine with a GPU, `train.device=auto` trains there in bf16 and changes the numbers this suite pins on
+    the CPU (float rounding, resumes, equal runs). Every test but tests/test_cuda.py (the GPU's own checks) therefore
+    gets the CPU for `auto`, and the processes it starts see no GPU. Set here, before any of the test's fixtures, so
+    that module- and session-scoped fixtures that train (built on a module's first test) get it too; a function-scoped
+    fixture would come after them. Nothing changes on a machine without a GPU."""
+    if torch.cuda.is_available():
+        _auto_means_cpu(item.path.name != "test_cuda.py")
