@@ -180,7 +180,7 @@ def _row(name: str, sides: dict, reps: int, work: float, unit: str, floor_flops:
     """Interleaved medians of the floor, formers and the peer, each call doing `per` units (training steps): times,
     runs and page faults are reported per unit."""
     pf: dict[str, list[int]] = {}
-    times = interleaved(sides, reps, faults=pf)
+    times = interleaved(sides, reps, faults=pf, desc=name)
     ms = {k: statistics.median(v) * 1e3 / per for k, v in times.items()}
     return {"row": name, "unit": unit,
             "page_faults_per_call": {k: round(statistics.median(v) / per, 1) for k, v in pf.items()},

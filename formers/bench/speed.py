@@ -49,12 +49,15 @@ FLOPS_FORMULA = ("6 * (matmul weights incl. the output projection, excl. embeddi
 
 def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
                 faults: dict[str, list[int]] | None = None,
-                sync: Callable[[], Any] | None = None) -> dict[str, list[float]]:
+                sync: Callable[[], Any] | None = None, desc: str | None = None) -> dict[str, list[float]]:
     """Seconds per call of each side, the sides alternating inside every repetition (the order flips each time)
     so that machine noise hits them alike. Returns every repetition's time per side; with `faults` (a dict) also
     fills it with every repetition's minor page faults per side (see `_summary`). `sync` (a GPU's synchronize,
     `device_sync`) runs after each call inside its timing, so that queued kernels count for the side that queued
-    them."""
+    them. With `desc`, a progress bar over the repetitions on stderr (where it is a terminal), updated between
+    calls, outside their timing."""
+    from tqdm.auto import tqdm
+
     names = list(sides)
     sync = sync or (lambda: None)
     for _ in range(warmup):
@@ -64,6 +67,7 @@ def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
     times: dict[str, list[float]] = {n: [] for n in names}
     if faults is not None:
         faults.update({n: [] for n in names})
+    bar = tqdm(total=reps, desc=desc, unit="rep", leave=False, disable=None if desc else True, mininterval=1.0)
     for r in range(reps):
         for n in (names if r % 2 == 0 else names[::-1]):
             f = minor_faults()
@@ -73,6 +77,8 @@ def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
             times[n].append(time.perf_counter() - t)
             if faults is not None:
                 faults[n].append(minor_faults() - f)
+        bar.update()
+    bar.close()
     return times
 
 
@@ -531,7 +537,8 @@ def row_lm_train(reps: int, steps: int, peak_gflops: float, log, device: torch.d
             return lambda: [step() for _ in range(steps)]
 
         pf: dict[str, list[int]] = {}
-        times = interleaved({"formers": run(so), "peer": run(sp)}, reps, faults=pf, sync=device_sync(device))
+        times = interleaved({"formers": run(so), "peer": run(sp)}, reps, faults=pf, sync=device_sync(device),
+                            desc=f"lm_train vs x-t {setting}")
         r = {"row": "lm_train", "peer": "x-transformers", "peer_setting": setting, "params": po,
              "logits_max_abs_diff": err,
              **_summary(times, steps * BATCH * SEQ, "tokens_per_s", pf, per=steps)}
@@ -577,7 +584,7 @@ def row_generate(reps: int, log, device: torch.device = CPU) -> list[dict]:
                            f"{out_p.shape[-1]}")
     agree_xt = int((out_o[0, PROMPT:] == out_p[0]).cumprod(0).sum())
     pf: dict[str, list[int]] = {}
-    times = interleaved({"formers": ours_gen, "peer": xt_gen}, reps, faults=pf, sync=sync)
+    times = interleaved({"formers": ours_gen, "peer": xt_gen}, reps, faults=pf, sync=sync, desc="generate vs x-t")
     r = {"row": "generate", "peer": "x-transformers", "peer_setting": "cache_kv=True", "params": po,
          "logits_max_abs_diff": err, "greedy_tokens_agreeing": agree_xt,
          **_summary(times, NEW, "tokens_per_s", pf)}
@@ -610,7 +617,7 @@ def row_generate(reps: int, log, device: torch.device = CPU) -> list[dict]:
 
     a, b = ours_gen2(), hf_gen()
     agree = int((a[0, PROMPT:] == b[0, PROMPT:]).cumprod(0).sum())
-    times = interleaved({"formers": ours_gen2, "peer": hf_gen}, reps, faults=pf, sync=sync)
+    times = interleaved({"formers": ours_gen2, "peer": hf_gen}, reps, faults=pf, sync=sync, desc="generate vs GPT-2")
     r = {"row": "generate", "peer": "HF GPT-2", "peer_setting": "sdpa, use_cache=True", "params": po,
          "logits_max_abs_diff": err, "greedy_tokens_agreeing": agree, **_summary(times, NEW, "tokens_per_s", pf)}
     rows.append(r)
@@ -649,7 +656,7 @@ def vit_sides(device: torch.device = CPU) -> tuple[dict[str, Callable[[], Any]],
 def row_vit(reps: int, log, device: torch.device = CPU) -> list[dict]:
     sides, batch, po, err = vit_sides(device)
     pf: dict[str, list[int]] = {}
-    times = interleaved(sides, reps, faults=pf, sync=device_sync(device))
+    times = interleaved(sides, reps, faults=pf, sync=device_sync(device), desc="vit_forward vs HF")
     r = {"row": "vit_forward", "peer": "HF ViT", "peer_setting": "sdpa, eval", "params": po,
          "logits_max_abs_diff": err, **_summary(times, batch, "images_per_s", pf)}
     log(f"vit_forward vs HF ViT     : formers {r['formers_images_per_s']:7.1f} img/s  peer "
@@ -689,7 +696,8 @@ def row_packed(reps: int, log, device: torch.device = CPU) -> list[dict]:
     err = check_equal(hp[mask], hk.reshape(-1, DIM), "packed_encoder: packed vs padded outputs on valid tokens",
                       tol=1e-4)
     pf: dict[str, list[int]] = {}
-    times = interleaved({"formers": packed, "peer": padded}, reps, faults=pf, sync=device_sync(device))
+    times = interleaved({"formers": packed, "peer": padded}, reps, faults=pf, sync=device_sync(device),
+                        desc="packed_encoder")
     tokens = sum(lengths)
     r = {"row": "packed_encoder", "peer": "formers padded + key-padding mask", "peer_setting": "same model",
          "params": n_params(model), "lengths": lengths, "valid_tokens": tokens, "padded_tokens": B * L,
@@ -740,7 +748,7 @@ def row_recipe(recipe: str, reps: int, steps: int, peak_gflops: float, log,
         sides["peer"] = TrainStep(peer, batch, seq, vocab)
     pf: dict[str, list[int]] = {}
     times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps, faults=pf,
-                        sync=device_sync(device))
+                        sync=device_sync(device), desc=f"recipe {recipe}")
     fpt = lm_flops_per_token(ours, len(list(ours.stack.blocks)) if hasattr(ours.stack, "blocks") else DEPTH, seq,
                              ours.dim)
     r["flops_per_token"] = fpt
@@ -787,7 +795,7 @@ def _row_recipe_images(recipe: str, ours, batch: int, reps: int, steps: int, log
         sides["peer"] = ImageTrainStep(peer, batch, chans, size, classes, hf=True)
     pf: dict[str, list[int]] = {}
     times = interleaved({k: (lambda s=s: [s() for _ in range(steps)]) for k, s in sides.items()}, reps, faults=pf,
-                        sync=device_sync(device))
+                        sync=device_sync(device), desc=f"recipe {recipe}")
     work = steps * batch
     if peer is not None:
         r.update(_summary(times, work, "images_per_s", pf, per=steps))
