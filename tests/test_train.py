@@ -225,8 +225,8 @@ def test_fused_optimizer_is_adam_as_written(name):
 
 
 def test_fused_optimizer_only_where_torch_has_it():
-    """A meta parameter, an integer tensor or a tensor subclass (FSDP's sharded DTensor is one) falls back to torch's
-    default implementation."""
+    """The fused kernel is the CPU's: a meta parameter, an integer tensor or a tensor subclass (FSDP's sharded
+    DTensor is one) keeps torch's default implementation."""
     from formers.train.optim import fusable
 
     class Sub(torch.Tensor):
@@ -234,7 +234,25 @@ def test_fused_optimizer_only_where_torch_has_it():
 
     cpu = torch.nn.Parameter(torch.zeros(3))
     assert fusable([cpu]) == torch_at_least(2, 4)
+    assert fusable([("w", cpu)]) == torch_at_least(2, 4)  # named parameters
     assert not fusable([torch.nn.Parameter(torch.zeros(3, device="meta"))])
     assert not fusable([cpu, torch.zeros(3, dtype=torch.long)])
     assert not fusable([])
     assert not fusable([{"params": [cpu]}, {"params": [torch.zeros(3).as_subclass(Sub)]}])
+
+
+def test_optimizer_takes_every_form_of_params_torch_takes():
+    """What torch.optim accepts, the builders accept, and no parameter is lost to the look at them: a generator
+    inside a param group, (name, parameter) pairs, a lone 0-d parameter as a group's params, a plain generator."""
+    from formers.registry import build
+
+    model = torch.nn.Linear(3, 2)
+    scalar = torch.nn.Parameter(torch.tensor(1.0))
+    forms = {"generator in a group": (lambda: [{"params": (p for p in model.parameters())}], 2),
+             "named": (model.named_parameters, 2), "0-d group": (lambda: [{"params": scalar}], 1),
+             "generator": (model.parameters, 2)}
+    for form, (make, n) in forms.items():
+        for name in ("adamw", "adam"):
+            opt = build("optimizer", name, path="train.optimizer", params=make(), lr=1e-3)
+            assert sum(len(g["params"]) for g in opt.param_groups) == n, (form, name)
+            assert opt.defaults["fused"] == (True if torch_at_least(2, 4) else None), (form, name)

@@ -54,9 +54,9 @@ def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
     so that machine noise hits them alike. Returns every repetition's time per side; with `faults` (a dict) also
     fills it with every repetition's minor page faults per side (see `_summary`). `sync` (a GPU's synchronize,
     `device_sync`) runs after each call inside its timing, so that queued kernels count for the side that queued
-    them. With `desc`, a progress bar over the repetitions on stderr (where it is a terminal), updated between
-    calls, outside their timing."""
-    from tqdm.auto import tqdm
+    them. With `desc`, and stderr a terminal, a progress bar over the repetitions, updated between calls, outside
+    their timing (and without tqdm's monitor thread, which could redraw it during a call)."""
+    import tqdm
 
     names = list(sides)
     sync = sync or (lambda: None)
@@ -67,18 +67,25 @@ def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
     times: dict[str, list[float]] = {n: [] for n in names}
     if faults is not None:
         faults.update({n: [] for n in names})
-    bar = tqdm(total=reps, desc=desc, unit="rep", leave=False, disable=None if desc else True, mininterval=1.0)
-    for r in range(reps):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            f = minor_faults()
-            t = time.perf_counter()
-            sides[n]()
-            sync()
-            times[n].append(time.perf_counter() - t)
-            if faults is not None:
-                faults[n].append(minor_faults() - f)
-        bar.update()
-    bar.close()
+    bar = None
+    if desc and sys.stderr.isatty():
+        tqdm.tqdm.monitor_interval = 0  # no monitor thread (it starts with the first bar of the process)
+        bar = tqdm.tqdm(total=reps, desc=desc, unit="rep", leave=False, mininterval=1.0)
+    try:
+        for r in range(reps):
+            for n in (names if r % 2 == 0 else names[::-1]):
+                f = minor_faults()
+                t = time.perf_counter()
+                sides[n]()
+                sync()
+                times[n].append(time.perf_counter() - t)
+                if faults is not None:
+                    faults[n].append(minor_faults() - f)
+            if bar is not None:
+                bar.update()
+    finally:
+        if bar is not None:
+            bar.close()
     return times
 
 

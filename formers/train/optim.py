@@ -4,11 +4,14 @@ Parameters are split in two groups: matrices get weight decay; norms, biases, em
 (the GPT-2 / nanoGPT convention).
 
 Adam and AdamW take torch's fused kernel (`fused=True`: one pass over each parameter and its two moments instead of
-about ten, and one call for all of them) where every parameter is a plain floating-point tensor and all are on the CPU
-(torch >= 2.4) or all on CUDA (`fusable`); otherwise torch's default implementation. The update is the same algorithm
-up to float rounding (tests/test_train.py checks it against Adam and AdamW written out from their update rules).
-On the benchmark LM (3.3M parameters, 2-core Xeon) a step of the optimizer took 2.2 ms fused and 6.7 ms with torch's
-CPU default (a loop over the parameters).
+about ten, and one call for all of them) where every parameter is a plain floating-point tensor on the CPU (`fusable`);
+otherwise torch's default implementation. The update is the same algorithm up to float rounding (tests/test_train.py
+checks it against Adam and AdamW written out from their update rules). On the benchmark LM (3.3M parameters, 2-core
+Xeon) a step of the optimizer took 2.2 ms fused and 6.7 ms with torch's CPU default (a loop over the parameters).
+On a GPU torch's default (foreach) stays: the fused CUDA kernel of some torch releases that formers allows rejects a
+gradient whose strides differ from its parameter's in size-1 dimensions (depthwise convolutions, DLinear's weights),
+and no GPU here measured its gain. A run resumed from a checkpoint keeps the kernel choice saved with it (torch's
+`load_state_dict` restores each param group's `fused` flag).
 """
 
 from __future__ import annotations
@@ -24,15 +27,26 @@ from formers.registry import FormersError, register
 _FUSED_CPU = torch_at_least(2, 4)  # torch's fused Adam/AdamW runs on a CPU from 2.4
 
 
+def _listed(params) -> list:
+    """`params` as torch.optim takes it (tensors, (name, tensor) pairs, or param-group dicts whose "params" is a
+    tensor or any iterable), with every iterable made a list, so that looking at it does not use it up."""
+    out = []
+    for g in params:
+        if isinstance(g, dict):
+            ps = g["params"]
+            g = {**g, "params": [ps] if isinstance(ps, torch.Tensor) else list(ps)}
+        out.append(g)
+    return out
+
+
 def fusable(params) -> bool:
-    """Whether torch's fused Adam/AdamW kernel takes these parameters (tensors or param-group dicts): every one a
-    floating-point plain tensor (no subclass such as a sharded DTensor) on a CPU (torch >= 2.4) or a CUDA device,
-    all on one device type."""
-    tensors = [t for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
-    kinds = {t.device.type for t in tensors}
-    plain = all(type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point() for t in tensors)
-    one_kind = len(kinds) == 1 and kinds <= {"cpu", "cuda"}
-    return bool(tensors) and plain and one_kind and (_FUSED_CPU or "cpu" not in kinds)
+    """Whether the trainer gives these parameters (as `_listed` returns them) torch's fused Adam/AdamW kernel:
+    torch >= 2.4 and every one a floating-point plain tensor (no subclass, such as FSDP's DTensor) on the CPU."""
+    tensors = [t[1] if isinstance(t, tuple) else t
+               for g in params for t in (g["params"] if isinstance(g, dict) else [g])]
+    return (_FUSED_CPU and bool(tensors)
+            and all(type(t) in (torch.Tensor, nn.Parameter) and t.is_floating_point() and t.device.type == "cpu"
+                    for t in tensors))
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -52,14 +66,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 @register("optimizer", "adamw", paper="baseline")
 def adamw(params, lr: float, betas: tuple = (0.9, 0.95), eps: float = 1e-8):
     """AdamW (Loshchilov & Hutter): Adam with decoupled weight decay."""
-    params = list(params)
+    params = _listed(params)
     return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=eps, fused=fusable(params) or None)
 
 
 @register("optimizer", "adam", paper="baseline")
 def adam(params, lr: float, betas: tuple = (0.9, 0.999), eps: float = 1e-8):
     """Adam (Kingma & Ba); weight decay, if any, is the coupled L2 form."""
-    params = list(params)
+    params = _listed(params)
     return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=eps, fused=fusable(params) or None)
 
 
