@@ -62,13 +62,19 @@ def time_calls(fn: Callable[[], Any], reps: int = 3, budget_s: float = 20.0) -> 
     return statistics.median(times)
 
 
+def device_sync(device: torch.device) -> Callable[[], Any] | None:
+    """What a timing calls after each timed call on `device`: CUDA's synchronize (kernels run asynchronously), else
+    nothing (None)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
+
+
 def machine_peak_gflops(device: torch.device | str | None = None) -> float:
     """Median of 10 runs of torch.mm on preallocated 2048x2048 fp32 tensors after 3 warm-up runs (DESIGN §5), on
     `device` (default the CPU; on a GPU each run is synchronised, so the time is the kernel's)."""
     dev = torch.device(device or "cpu")
     a, b = torch.randn(2048, 2048, device=dev), torch.randn(2048, 2048, device=dev)
     c = torch.empty(2048, 2048, device=dev)
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync = device_sync(dev) or (lambda: None)
     for _ in range(3):  # warm-up: thread pool, page faults, clocks; a cold first run under-states the peak
         torch.mm(a, b, out=c)
     sync()

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from formers.bench.harness import meta, minor_faults, out_path, save
+from formers.bench.harness import device_sync, meta, minor_faults, out_path, save
 from formers.registry import FormersError
 
 VOCAB, DIM, DEPTH, HEADS, SEQ, BATCH = 256, 256, 4, 4, 256, 8
@@ -87,12 +87,6 @@ def interleaved(sides: dict[str, Callable[[], Any]], reps: int, warmup: int = 1,
         if bar is not None:
             bar.close()
     return times
-
-
-def device_sync(device: torch.device) -> Callable[[], Any] | None:
-    """What `interleaved` calls after each side on `device`: CUDA's synchronize (kernels run asynchronously), else
-    nothing."""
-    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else None
 
 
 def resolve_device(name: str | None) -> torch.device:
@@ -863,13 +857,17 @@ def table(res: dict) -> str:
 README_START, README_END = "<!-- speed:start -->", "<!-- speed:end -->"
 
 
+def _where(m: dict) -> str:
+    """The machine a results header (`meta`) was measured on: the CPU and its threads, after the GPU where one ran."""
+    cpu = f"{m['cpu']}, {m['threads']} threads"
+    return f"{m['device']} ({cpu})" if m.get("device") else cpu
+
+
 def readme_section(res: dict) -> str:
     """The README's performance section (the text between the speed markers), from results/peers_speed.json."""
     m = res["meta"]
-    where = f"{m['device']} ({m['cpu']}, {m['threads']} threads)" if m.get("device") else \
-        f"{m['cpu']}, {m['threads']} threads"
     return "\n".join([
-        f"Measured by `{m['command']}` on {where}, torch {m['torch']}, {m['date'][:10]} "
+        f"Measured by `{m['command']}` on {_where(m)}, torch {m['torch']}, {m['date'][:10]} "
         f"(matmul peak {m['peak_mm_gflops']} GFLOP/s; every figure is a median of {m['reps']} interleaved "
         "repetitions in one process, both sides eager; the ratio's 90% interval is a paired bootstrap over the "
         "repetitions, how far this machine's noise moves it; page faults: minor faults per call, per step for the "
@@ -908,8 +906,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("formers / peer throughput")
     m = res["meta"]
-    where = m.get("device") or f"CPU {m['threads']} threads"
-    ax.set_title(f"formers vs peers, {where}, torch {m['torch']} (dashed: target)", fontsize=9)
+    ax.set_title(f"formers vs peers, {_where(m)}, torch {m['torch']} (dashed: target)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -950,8 +947,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.reps < 1 or a.steps < 1:
         raise FormersError("bench speed: --reps and --steps must be >= 1 (the issue asks for >= 7 repetitions)")
     device = resolve_device(a.device)
-    name = "peers_speed.json" if device.type == "cpu" else f"peers_speed_{device.type}.json"  # never the CPU's file
-    out = out_path(a.out or f"results/{name}", name, "bench speed")  # checked before minutes of timing
+    fname = "peers_speed.json" if device.type == "cpu" else f"peers_speed_{device.type}.json"  # never the CPU's file
+    out = out_path(a.out or f"results/{fname}", fname, "bench speed")  # checked before minutes of timing
     if a.recipe:
         from formers.config import load_recipe
 
@@ -970,8 +967,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(s):
         print(s, flush=True)
 
-    where = m.get("device", f"{torch.get_num_threads()} threads")
-    log(f"matmul peak {peak} GFLOP/s, {where}, {a.reps} interleaved repetitions per row")
+    log(f"matmul peak {peak} GFLOP/s, {_where(m)}, {a.reps} interleaved repetitions per row")
     rows: list[dict] = []
     fns = {"lm_train": lambda: row_lm_train(a.reps, a.steps, peak, log, device),
            "generate": lambda: row_generate(a.reps, log, device),

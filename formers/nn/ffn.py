@@ -120,12 +120,8 @@ class MLP(nn.Module):
         """Training (autograd on) with a plain nn.GELU and a plain fc2 (nn.Linear, no hooks or replaced forward on
         either: the fused node calls neither), no active dropout (hidden or output), no autocast (the node runs
         F.gelu and addmm in the input's dtype) and no torch.func transform (the node has no functorch rules)."""
-        return (torch.is_grad_enabled() and type(self.fc2) is nn.Linear and isinstance(self.act, nn.GELU)
-                and type(self.act).forward is nn.GELU.forward
-                and (type(self.hidden_drop) is nn.Identity or idle_dropout(self.hidden_drop))
-                and (not self.drop.p or idle_dropout(self.drop))
-                and hook_free(self.act, self.fc2, self.hidden_drop, self.drop)
-                and forward_unpatched(self.act, self.fc2)
+        return (torch.is_grad_enabled() and type(self.fc2) is nn.Linear and self._plain_gelu_no_dropout()
+                and hook_free(self.fc2) and forward_unpatched(self.fc2)
                 and not autocast_on(self.fc2.weight.device.type) and not functorch_active())
 
     def _gelu_in_place(self) -> bool:
@@ -137,12 +133,16 @@ class MLP(nn.Module):
         takes the plain GELU. Only with a plain hook-free nn.Linear and GELU (a hook could keep fc1's output, which
         must not change under it; a quantized, pruned or adapted fc1 is another module type; a forward replaced on
         the instance is honoured) and no active dropout."""
-        return (not torch.is_grad_enabled() and type(self.fc1) is nn.Linear and isinstance(self.act, nn.GELU)
-                and type(self.act).forward is nn.GELU.forward
-                and (not self.drop.p or idle_dropout(self.drop))
+        return (not torch.is_grad_enabled() and type(self.fc1) is nn.Linear and self._plain_gelu_no_dropout()
+                and hook_free(self.fc1) and forward_unpatched(self.fc1))
+
+    def _plain_gelu_no_dropout(self) -> bool:
+        """What both GELU fast paths need besides their own linear layer: a plain nn.GELU (no subclass forward, hook
+        or replaced forward) and hidden and output dropout that are the identity (no hooks on them either)."""
+        return (isinstance(self.act, nn.GELU) and type(self.act).forward is nn.GELU.forward
                 and (type(self.hidden_drop) is nn.Identity or idle_dropout(self.hidden_drop))
-                and hook_free(self.fc1, self.act, self.drop, self.hidden_drop)
-                and forward_unpatched(self.fc1, self.act))
+                and (not self.drop.p or idle_dropout(self.drop))
+                and hook_free(self.act, self.hidden_drop, self.drop) and forward_unpatched(self.act))
 
 
 @register("ffn", "glu", paper="baseline")

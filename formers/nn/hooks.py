@@ -73,12 +73,14 @@ def torch_at_least(major: int, minor: int) -> bool:
     return tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (major, minor)
 
 
+def _hooked(m: nn.Module) -> bool:
+    """Whether a hook of any kind is registered on this module itself."""
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def hook_free(*mods: nn.Module) -> bool:
     """No hooks of any kind on these modules, nor global ones: a fast path that skips their forward may run."""
-    if _global_hooks():
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in mods)
+    return not _global_hooks() and not any(_hooked(m) for m in mods)
 
 
 def autocast_on(device_type: str) -> bool:
@@ -110,8 +112,7 @@ def plain_tree(root: nn.Module) -> bool:
     todo = [root]
     while todo:
         m = todo.pop()
-        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or "forward" in m.__dict__):
+        if _hooked(m) or "forward" in m.__dict__:
             return False
         todo.extend(c for c in m._modules.values() if c is not None)
     return True
