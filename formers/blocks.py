@@ -21,9 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from formers.nn.attention import Affine, SoftmaxAttention
-from formers.nn.ffn import GeluLinear
-from formers.nn.hooks import autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
+from formers.nn.attention import Affine, SoftmaxAttention, _sdpa
+from formers.nn.ffn import IN_PLACE_MIN, MLP, GeluLinear
+from formers.nn.hooks import _global_hooks, autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
+from formers.nn.norm import RMSNorm
 from formers.registry import FormersError, _hint, build, get, register, split_spec
 
 # ---------------------------------------------------------------------------------------------------- residual
@@ -314,6 +315,121 @@ class Block(nn.Module):
         return all(is_row_wise(m) for m in parts) and hook_free(*mods)
 
 
+# ------------------------------------------------------------------------------------------------ lean inference
+#
+# In inference a standard block can spend more time deciding than computing: each sublayer checks on every call that
+# its fused path may run (hooks, replaced forwards, dropout, subclasses), about 190 us a ViT-Tiny block at batch 1 on
+# top of about 270 us of ATen ops (this machine, 1 thread). On a GPU, where those ops take microseconds, the checks
+# are the forward. `block_plan` makes them once for the whole block, per forward, and reads its weights; `lean_block`
+# then runs the ops that the module path would run, in the same order (the same bits), without the module machinery.
+# Parts it does not know (another norm or feed-forward) are still called as modules. `PlainStack` runs its blocks
+# this way in inference, and `LM.generate` decodes with the same plans (models/lm.py, `decode_step`).
+# tests/test_fast_paths.py checks both against the module path, bit for bit, and where they must not run.
+
+
+def norm_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> norm(x) for one norm module: LayerNorm / formers RMSNorm inlined, anything else called."""
+    if isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward:
+        shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
+        return lambda x: F.layer_norm(x, shape, w, b, eps)
+    if type(m) is RMSNorm:
+        w, eps = m.weight, m.eps
+        return lambda x: F.rms_norm(x, w.shape, w, eps)
+    return m
+
+
+def _plain_mlp(m: MLP) -> tuple | None:
+    """(fc1, GELU, fc2) where `MLP._gelu_in_place`'s conditions hold for a module tree already checked for hooks,
+    replaced forwards and evaluation mode (`block_plan`, `decode_plan`): plain linear layers and GELU, dropout that is
+    the identity; else None."""
+    fc1, act, fc2, hdrop, drop = (m._modules.get(k) for k in ("fc1", "act", "fc2", "hidden_drop", "drop"))
+    if (type(fc1) is nn.Linear and type(fc2) is nn.Linear and isinstance(act, nn.GELU)
+            and type(act).forward is nn.GELU.forward and type(hdrop) in (nn.Identity, nn.Dropout)
+            and type(drop) is nn.Dropout):
+        return fc1, act, fc2
+    return None
+
+
+def ffn_add_fn(m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(h, x) -> x + ffn(h), written into x, as `PreNorm.add_into` computes it (the same ops, so the same bits): the
+    MLP with a plain GELU inlined (GELU in place on fc1's output from IN_PLACE_MIN elements, as `MLP.forward_split`),
+    a feed-forward with `forward_split` through it, anything else called. For a module tree already checked for
+    hooks, replaced forwards and evaluation mode."""
+    parts = _plain_mlp(m) if type(m) is MLP else None
+    if parts is not None:
+        fc1, act, fc2 = parts
+        w1, b1, w2, b2, approximate = fc1.weight, fc1.bias, fc2.weight, fc2.bias, act.approximate
+
+        def mlp_add(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            u = F.linear(h, w1, b1)
+            u = (torch.ops.aten.gelu_(u, approximate=approximate) if u.numel() >= IN_PLACE_MIN
+                 else F.gelu(u, approximate=approximate))
+            return add_matmul(x, u, w2, b2, inplace=True)
+        return mlp_add
+    if _splits(type(m)):
+        def split_add(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+            y, out = m.forward_split(h)
+            return linear_add(x, y, out, inplace=True)
+        return split_add
+    return lambda h, x: x + m(h)
+
+
+def block_plan(block: nn.Module, fold: bool = True) -> tuple | None:
+    """(norm1, attention weights, (norm2, ffn_add) or None) for `lean_block`, or None where the block is not the
+    standard kind: a formers Block of Pre-LN sublayers with add residuals around plain softmax attention (plain
+    linear layers; no explicit scores, projection, output or split replaced), every module under it in evaluation
+    mode with no hooks and no `forward` replaced on the instance (global hooks: the caller checks). `fold`: the value
+    bias joins the output bias and the key/value projection runs without it (`SoftmaxAttention._folds_kv_bias`;
+    not for a KV cache, whose keys and values must stay whole). Submodules are read from `_modules` (this runs for
+    every block on every inference forward, and `nn.Module.__getattr__` costs about a microsecond a read); one held
+    outside it (a sublayer shared across layers, formers/stacks.py) is not walked for hooks, so its block is not
+    planned."""
+    if type(block) is not Block or not plain_tree(block, evaluating=True, global_checked=True):
+        return None
+    a = block._modules.get("attn")
+    if type(a) is not PreNorm:
+        return None
+    m, norm, residual, drop = (a._modules.get(k) for k in ("fn", "norm", "residual", "drop"))
+    if (type(m) is not SoftmaxAttention or norm is None or type(residual) is not AddResidual
+            or type(drop) is not nn.Dropout):  # in evaluation mode (the walk): the identity
+        return None
+    q, kv, o = m._modules.get("q"), m._modules.get("kv"), m._modules.get("out")
+    if (m.explicit or type(q) is not nn.Linear or type(kv) is not nn.Linear or type(o) is not nn.Linear
+            or any(k in m.__dict__ for k in ("project", "output_mod", "score_mod", "probs", "forward_split"))):
+        return None
+    bkv, bo = kv.bias, o.bias
+    if fold and bkv is not None:
+        bkv, bo = None, m._folded_out_bias()
+    attn = (q.weight, q.bias, kv.weight, bkv, o.weight, bo, m.heads, m.kv_heads, m.head_dim, m.scale, m.causal)
+    ffn = None
+    if block.has_ffn:
+        f = block._modules.get("ffn")
+        if type(f) is not PreNorm:
+            return None
+        fn, norm2, residual, drop = (f._modules.get(k) for k in ("fn", "norm", "residual", "drop"))
+        if fn is None or norm2 is None or type(residual) is not AddResidual or type(drop) is not nn.Dropout:
+            return None
+        ffn = (norm_fn(norm2), ffn_add_fn(fn))
+    return norm_fn(norm), attn, ffn
+
+
+def lean_block(plan: tuple, x: torch.Tensor) -> torch.Tensor:
+    """The block of `plan` (block_plan) on x (B, N, D) -> (B, N, D), self-attention over all N rows with no mask,
+    positions or cache: `Block.forward`'s inference ops (the attention's fused q/kv projections and SDPA, the output
+    projection accumulating into the residual, the feed-forward adding into that fresh sum)."""
+    norm1, (wq, bq, wkv, bkv, wo, bo, H, Hkv, Dh, scale, causal), ffn = plan
+    B, N, _ = x.shape
+    h = norm1(x)
+    q = F.linear(h, wq, bq).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
+    k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # (B, Hkv, N, Dh) each
+    y = _sdpa(q, k, v, dropout_p=0.0, is_causal=causal and N > 1, scale=scale)
+    x = add_matmul(x, y.transpose(1, 2).reshape(B, N, H * Dh), wo, bo)
+    if ffn is not None:  # x is fresh: the feed-forward adds into it
+        norm2, ffn_add = ffn
+        x = ffn_add(norm2(x), x)
+    return x
+
+
 def is_row_wise(m: nn.Module) -> bool:
     """The module's own class says it is row-wise (`row_wise` in the class body, not inherited: a subclass may mix
     tokens, e.g. an FFN with a depth-wise convolution)."""
@@ -391,9 +507,22 @@ class PlainStack(Stack):
         return len(self.blocks)
 
     def forward(self, x: torch.Tensor, *, cache: list | None = None, **kw) -> torch.Tensor:
+        plans = self.lean_plans(x, self.blocks) if cache is None and all(v is None for v in kw.values()) else None
         for i, block in enumerate(self.blocks):
-            x = self.run(block, x, cache=None if cache is None else cache[i], **kw)
+            if plans and plans[i] is not None:
+                x = lean_block(plans[i], x)
+            else:
+                x = self.run(block, x, cache=None if cache is None else cache[i], **kw)
         return x
+
+    def lean_plans(self, x: torch.Tensor, blocks) -> list | None:
+        """`block_plan` of each block (None for those that run as modules), or None where no block may run lean:
+        autograd on, autocast, torch.compile tracing (it sees the modules), global module hooks, or `run`
+        overridden. The caller passes no mask, positions or cache."""
+        if (torch.is_grad_enabled() or autocast_on(x.device.type) or type(self).run is not Stack.run
+                or torch.compiler.is_compiling() or _global_hooks()):
+            return None
+        return [block_plan(b) for b in blocks]
 
     def prefix_ok(self) -> bool:
         """Whether `forward_prefix` may run: the last block is a formers Block that allows it
@@ -406,8 +535,9 @@ class PlainStack(Stack):
         (`Block.forward_prefix`); for models that read only their first token(s), where `prefix_ok()`."""
         *first, last = self.blocks
         kw = {} if mask is None else {"mask": mask}  # as forward, which passes a mask only when the model has one
-        for block in first:
-            x = self.run(block, x, **kw)
+        plans = self.lean_plans(x, first) if mask is None else None
+        for i, block in enumerate(first):
+            x = lean_block(plans[i], x) if plans and plans[i] is not None else self.run(block, x, **kw)
         return last.forward_prefix(x, n, mask=mask)
 
 
@@ -415,5 +545,5 @@ def build_stack(spec: Any, depth: int, make_block: Callable[[int], nn.Module], p
     return build("stack", spec, path=path, reserved=("depth", "make_block"), depth=depth, make_block=make_block)
 
 
-__all__ = ["Block", "BLOCK_DEFAULTS", "PlainStack", "add_matmul", "is_row_wise", "layer_specs", "linear_add",
-           "build_stack", "merge_spec"]
+__all__ = ["Block", "BLOCK_DEFAULTS", "PlainStack", "add_matmul", "block_plan", "is_row_wise", "layer_specs",
+           "lean_block", "linear_add", "build_stack", "merge_spec"]

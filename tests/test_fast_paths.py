@@ -1161,3 +1161,162 @@ def test_gelu_linear_double_backward_and_odd_residuals():
     fc2 = torch.nn.Linear(5, 4).double()
     res = torch.randn(2, 3, 1, dtype=torch.float64)
     torch.testing.assert_close(GeluLinear(fc2, "none").add(res, a), res + fc2(torch.nn.functional.gelu(a)))
+
+
+# ------------------------------------------------- inference: lean blocks (one check per block, no module calls)
+
+def _lean_off():
+    """The stack's lean inference switched off: every block runs through its modules (and their fused paths)."""
+    from unittest import mock
+
+    from formers.blocks import PlainStack
+
+    return mock.patch.object(PlainStack, "lean_plans", lambda self, x, blocks: None)
+
+
+def _count_lean(monkeypatch) -> list:
+    from formers import blocks
+
+    calls = []
+    real = blocks.lean_block
+    monkeypatch.setattr(blocks, "lean_block", lambda p, x: calls.append(x.shape) or real(p, x))
+    return calls
+
+
+def _lm(**kw):
+    torch.manual_seed(0)
+    m = formers.create_model("lm", vocab=40, dim=32, depth=3, max_len=256, **kw).eval()
+    with torch.no_grad():  # biases and norm gains off their init, so that a dropped or doubled term shows
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+LEAN_MODELS = {  # name: (model, input, blocks that run lean)
+    "vit_token": (lambda: _vit(), lambda: torch.randn(3, 3, 16, 16), 1),  # the last block: class-token row only
+    "vit_avg": (lambda: _vit(global_pool="avg"), lambda: torch.randn(3, 3, 16, 16), 2),
+    "encoder_bias_gqa": (lambda: _encoder(pool="mean", block={"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2,
+                                                                          "bias": True}}),
+                         lambda: torch.randint(0, 50, (2, 30)), 3),
+    # 4 x 200 rows x 128 hidden: fc1's output takes the in-place GELU (IN_PLACE_MIN)
+    "lm_gpt2_in_place_gelu": (lambda: _lm(block=LEAN_CONFIGS["gpt2"]["block"], tie_embeddings=True),
+                              lambda: torch.randint(0, 40, (4, 200)), 3),
+    "lm_rms_glu_relu": (lambda: _lm(block={"norm": "rmsnorm", "mixer": {"name": "softmax", "heads": 4},
+                                           "ffn": {"name": "glu"}},
+                                    layers={"1": {"ffn": {"name": "mlp", "act": "relu"}}, "2": {"ffn": "none"}}),
+                        lambda: torch.randint(0, 40, (2, 9)), 3),
+    "lm_one_explicit_layer": (lambda: _lm(block={"mixer": {"name": "softmax", "heads": 4}},
+                                          layers={"1": {"mixer": {"name": "softmax", "heads": 4, "explicit": True}}}),
+                              lambda: torch.randint(0, 40, (2, 9)), 2),
+}
+
+
+@pytest.mark.parametrize("name", list(LEAN_MODELS))
+def test_lean_blocks_equal_the_module_path_bit_for_bit(name, monkeypatch):
+    """In inference the stack runs its standard blocks from one plan each (`block_plan`, `lean_block`): the output is
+    the module path's to the bit (the same ops in the same order), with GQA, biases (the folded value bias), tanh and
+    in-place GELU, RMSNorm, GLU, ReLU, a layer without feed-forward and a layer left to its modules; and close to the
+    plain path (fused residuals off, every sublayer's module output added)."""
+    make, inp, n_lean = LEAN_MODELS[name]
+    m, x = make(), inp()
+    calls = _count_lean(monkeypatch)
+    with torch.no_grad():
+        y = m(x)
+        assert len(calls) == n_lean
+        with _lean_off():
+            ref = m(x)
+        with _lean_off(), _fusion_off():
+            plain = m(x)
+    assert len(calls) == n_lean
+    assert torch.equal(y, ref)
+    torch.testing.assert_close(y, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_lean_vit_equals_the_naive_vit_and_leaves_its_input_alone(monkeypatch):
+    """Every token through every block against the ViT of the plain formulas written above (class-token logits from
+    the whole stack's output); the stack's input is not written into."""
+    m = _vit()
+    x = torch.randn(2, 3, 16, 16)
+    calls = _count_lean(monkeypatch)
+    with torch.no_grad():
+        h = torch.cat([m.cls_token.expand(2, -1, -1), m.patch_embed(x)], 1)
+        h = m.pos(h, grid=m.patch_embed.grid(16, 16))
+        before = h.clone()
+        out = m.stack(h)
+        logits = m.norm(out)[:, 0] @ m.head.weight.T + m.head.bias
+    assert len(calls) == 2 and torch.equal(h, before)
+    torch.testing.assert_close(logits, _naive_vit_logits(m, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("why", ["grad", "train", "dropout_training", "hook", "global_hook", "patched_forward",
+                                 "output_mod", "out_subclass", "mask", "rope", "autocast", "post", "lns",
+                                 "stack_run"])
+def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
+    """Autograd, training mode (the whole model or one dropout), a hook on a module or a global one, a forward or
+    `output_mod` replaced on an instance, an adapted output projection, a key mask, relative positions, autocast,
+    Post-LN / LNS placements or a stack with its own `run` keep the affected blocks on the module path, and the
+    output is the module path's (hooks fire, replacements run)."""
+    kw = {"rope": {"position": "rope"}, "post": {"block": {"placement": "post"}},
+          "lns": {"block": {"placement": "lns"}}}.get(why, {})
+    m = _encoder(pool="mean", **kw) if why == "mask" else _lm(**kw)
+    x = torch.randint(0, 50 if why == "mask" else 40, (2, 9))
+    fkw = {"mask": torch.arange(9)[None] < torch.tensor([9, 4])[:, None]} if why == "mask" else {}
+    expect = 0  # blocks that may still run lean
+    seen = []
+    blk = m.stack.blocks[0]
+    if why == "train":
+        m.train()
+    elif why == "dropout_training":
+        blk.ffn.fn.drop.p = 0.5
+        blk.ffn.fn.drop.train()
+        expect = 2
+    elif why == "hook":
+        blk.ffn.fn.fc1.register_forward_hook(lambda *a: seen.append(1))
+        expect = 2
+    elif why == "global_hook":
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda mod, i, o: seen.append(1)
+                                                                       if mod is blk.ffn.fn.fc1 else None)
+    elif why == "patched_forward":
+        out = blk.attn.fn.out
+        out.forward = lambda t: torch.nn.functional.linear(t, out.weight) * 2.0
+        expect = 2
+    elif why == "output_mod":
+        blk.attn.fn.output_mod = lambda y, x: y * 0.5
+        expect = 2
+    elif why == "out_subclass":
+        class Adapted(torch.nn.Linear):
+            def forward(self, x):
+                return super().forward(x) + 0.5 * x.flip(-1)
+
+        blk.attn.fn.out.__class__ = Adapted
+        expect = 2
+    elif why == "stack_run":
+        from formers.blocks import PlainStack
+
+        class Logged(PlainStack):
+            def run(self, block, x, **k):
+                seen.append(1)
+                return super().run(block, x, **k)
+
+        m.stack.__class__ = Logged
+    calls = _count_lean(monkeypatch)
+    ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if why == "autocast" else
+           torch.enable_grad() if why == "grad" else contextlib.nullcontext())
+    try:
+        with torch.no_grad(), ctx:
+            torch.manual_seed(1)
+            y = m(x, **fkw)
+            n = len(calls)
+            with _lean_off():
+                torch.manual_seed(1)
+                ref = m(x, **fkw)
+    finally:
+        if why == "global_hook":
+            handle.remove()
+    assert n == expect
+    if why != "dropout_training":  # two dropout draws differ; the mask is what shows it stayed on the module path
+        assert torch.equal(y, ref)
+    if why in ("hook", "global_hook"):
+        assert seen == [1, 1]
+    if why == "stack_run":
+        assert len(seen) == 2 * 3

@@ -10,12 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.blocks import AddResidual, Block, PlainStack, PreNorm, _splits, add_matmul, linear_add
+from formers.blocks import PlainStack, add_matmul, block_plan
 from formers.models.base import SequenceModel
-from formers.nn.attention import KVCache, SoftmaxAttention, _sdpa
-from formers.nn.ffn import MLP
+from formers.nn.attention import KVCache, _sdpa
 from formers.nn.hooks import clear_aux, forward_unpatched, hook_free
-from formers.nn.norm import RMSNorm
 from formers.registry import FormersError, register
 
 
@@ -151,37 +149,10 @@ class LM(SequenceModel):
 #
 # One decoded token costs ~50 module calls and their checks, as much time at batch 1 as the matmuls themselves. For
 # a stack of standard blocks (Pre-LN, plain causal softmax attention, add residuals, no hooks) `decode_plan` reads
-# every block's weights once per `generate` call and `decode_step` runs the same ATen ops as the modules would, in
-# the same order, without the module machinery. Parts it does not know (another norm, feed-forward or activation)
-# are still called as modules, so every such block qualifies. tests/test_fast_paths.py checks it against the module
-# path and against generation without a cache.
-
-
-def _norm_fn(m: nn.Module):
-    """x -> norm(x) for one norm module: LayerNorm / formers RMSNorm inlined, anything else called."""
-    if isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward:
-        shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
-        return lambda x: F.layer_norm(x, shape, w, b, eps)
-    if type(m) is RMSNorm:
-        w, eps = m.weight, m.eps
-        return lambda x: F.rms_norm(x, w.shape, w, eps)
-    return m
-
-
-def _ffn_add(m: nn.Module):
-    """(h, x) -> x + ffn(h), written into x, as `PreNorm.add_into` computes it (the same ops, so the same bits): the
-    MLP with a plain GELU inlined (its out-of-place GELU, as for one token), a feed-forward with `forward_split`
-    through it, anything else called."""
-    if (type(m) is MLP and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear and isinstance(m.act, nn.GELU)
-            and type(m.act).forward is nn.GELU.forward):
-        w1, b1, w2, b2, approximate = m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act.approximate
-        return lambda h, x: add_matmul(x, F.gelu(F.linear(h, w1, b1), approximate=approximate), w2, b2, inplace=True)
-    if _splits(type(m)):
-        def split_add(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-            y, out = m.forward_split(h)
-            return linear_add(x, y, out, inplace=True)
-        return split_add
-    return lambda h, x: x + m(h)
+# every block's weights once per `generate` call (`block_plan`, as the stack's lean inference in formers/blocks.py)
+# and `decode_step` runs the same ATen ops as the modules would, in the same order, without the module machinery.
+# Parts it does not know (another norm, feed-forward or activation) are still called as modules, so every such block
+# qualifies. tests/test_fast_paths.py checks it against the module path and against generation without a cache.
 
 
 def decode_plan(model: LM) -> list[tuple] | None:
@@ -198,21 +169,10 @@ def decode_plan(model: LM) -> list[tuple] | None:
         return None
     plan = []
     for block in model.stack.blocks:
-        if type(block) is not Block or type(block.attn) is not PreNorm or type(block.attn.residual) is not AddResidual:
+        p = block_plan(block, fold=False)  # a cache keeps every key and value whole: no folded value bias
+        if p is None or not p[1][-1]:  # not the standard kind, or not causal
             return None
-        a = block.attn.fn
-        if (type(a) is not SoftmaxAttention or not a.causal or not a._fusable() or a._needs_explicit()
-                or type(a.out) is not nn.Linear):  # an adapted output projection is another type: call it
-            return None
-        attn = (a.q.weight, a.q.bias, a.kv.weight, a.kv.bias, a.out.weight, a.out.bias, a.heads, a.kv_heads,
-                a.head_dim, a.scale)
-        ffn = None
-        if block.has_ffn:
-            f = block.ffn
-            if type(f) is not PreNorm or type(f.residual) is not AddResidual:
-                return None
-            ffn = (_norm_fn(f.norm), _ffn_add(f.fn))
-        plan.append((_norm_fn(block.attn.norm), attn, ffn))
+        plan.append(p)
     return plan
 
 
@@ -224,7 +184,7 @@ def decode_step(model: LM, plan: list[tuple], idx: torch.Tensor, cache: list[KVC
     if getattr(model.position, "kind", "") == "absolute":
         x = model.position(x, cache[0].length)
     B = x.shape[0]
-    for (norm1, (wq, bq, wkv, bkv, wo, bo, H, Hkv, Dh, scale), ffn), c in zip(plan, cache):
+    for (norm1, (wq, bq, wkv, bkv, wo, bo, H, Hkv, Dh, scale, _), ffn), c in zip(plan, cache):
         h = norm1(x)
         q = F.linear(h, wq, bq).view(B, 1, H, Dh).transpose(1, 2)  # (B, H, 1, Dh)
         k, v = F.linear(h, wkv, bkv).view(B, 1, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # (B, Hkv, 1, Dh) each

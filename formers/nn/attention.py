@@ -361,9 +361,8 @@ class SoftmaxAttention(nn.Module):
             y = y.masked_fill(empty, 0.0)
         y = self.output_mod(y, x)
         out = self.out
-        if fold:  # the value bias, which every softmax row (weights summing to 1) passes on whole, joins b_o
-            bv = self.kv.bias[Hkv * Dh:].view(Hkv, 1, Dh).expand(Hkv, H // Hkv, Dh).reshape(H * Dh)  # per query head
-            out = Affine(out.weight, out.weight @ bv if out.bias is None else torch.addmv(out.bias, out.weight, bv))
+        if fold:
+            out = Affine(out.weight, self._folded_out_bias())
         return y.transpose(1, 2).reshape(B, N, H * Dh), out  # (B, N, H*Dh), the output projection
 
     def _folds_kv_bias(self, mask, positions, cache) -> bool:
@@ -378,6 +377,13 @@ class SoftmaxAttention(nn.Module):
                 and cache is None and not (self.training and self.dropout) and not self._needs_explicit()
                 and type(self).output_mod is SoftmaxAttention.output_mod and "output_mod" not in self.__dict__
                 and self._fusable() and type(o) is nn.Linear and hook_free(o) and forward_unpatched(o))
+
+    def _folded_out_bias(self) -> torch.Tensor:
+        """b_o + W_o b_v, b_v the value bias per query head: where `_folds_kv_bias` holds, the value bias, which every
+        softmax row (weights summing to 1) passes on whole, joins the output projection's bias."""
+        H, Hkv, Dh, o = self.heads, self.kv_heads, self.head_dim, self.out
+        bv = self.kv.bias[Hkv * Dh:].view(Hkv, 1, Dh).expand(Hkv, H // Hkv, Dh).reshape(H * Dh)  # per query head
+        return o.weight @ bv if o.bias is None else torch.addmv(o.bias, o.weight, bv)
 
     def _fusable(self) -> bool:
         """Whether q, k, v may come from one matmul: `project` not overridden (by a subclass or on the instance)

@@ -104,15 +104,16 @@ def functorch_active() -> bool:
     return _functorch_stack is not None and _functorch_stack() is not None
 
 
-def plain_tree(root: nn.Module) -> bool:
+def plain_tree(root: nn.Module, evaluating: bool = False, global_checked: bool = False) -> bool:
     """`hook_free` and `forward_unpatched` for a module and everything under it, in one walk over `_modules` (what
-    `PreNorm.add_into` asks on every call in inference; `nn.Module.modules()` builds names and a memo set)."""
-    if _global_hooks():
+    `PreNorm.add_into` asks on every call in inference; `nn.Module.modules()` builds names and a memo set); with
+    `evaluating` also every module in evaluation mode. `global_checked`: the caller has seen no global hooks."""
+    if not global_checked and _global_hooks():
         return False
     todo = [root]
     while todo:
         m = todo.pop()
-        if _hooked(m) or "forward" in m.__dict__:
+        if _hooked(m) or "forward" in m.__dict__ or (evaluating and m.training):
             return False
         todo.extend(c for c in m._modules.values() if c is not None)
     return True
