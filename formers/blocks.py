@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from formers.nn.attention import Affine, SoftmaxAttention, _sdpa
+from formers.nn.attention import FOLD_MIN_ROWS, Affine, SoftmaxAttention, _sdpa
 from formers.nn.ffn import IN_PLACE_MIN, MLP, GeluLinear
 from formers.nn.hooks import _global_hooks, autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
 from formers.nn.norm import RMSNorm
@@ -421,7 +421,7 @@ def lean_block(plan: tuple, x: torch.Tensor) -> torch.Tensor:
     B, N, _ = x.shape
     h = norm1(x)
     q = F.linear(h, wq, bq).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
-    k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # (B, Hkv, N, Dh) each
+    k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, Dh) each
     y = _sdpa(q, k, v, dropout_p=0.0, is_causal=causal and N > 1, scale=scale)
     x = add_matmul(x, y.transpose(1, 2).reshape(B, N, H * Dh), wo, bo)
     if ffn is not None:  # x is fresh: the feed-forward adds into it
@@ -522,7 +522,8 @@ class PlainStack(Stack):
         if (torch.is_grad_enabled() or autocast_on(x.device.type) or type(self).run is not Stack.run
                 or torch.compiler.is_compiling() or _global_hooks()):
             return None
-        return [block_plan(b) for b in blocks]
+        fold = x.shape[0] * x.shape[1] >= FOLD_MIN_ROWS  # as SoftmaxAttention.forward_split
+        return [block_plan(b, fold) for b in blocks]
 
     def prefix_ok(self) -> bool:
         """Whether `forward_prefix` may run: the last block is a formers Block that allows it

@@ -8,6 +8,7 @@
 - The training fast paths (fused QKV, the GELU+fc2 node, the residual added inside the matmul) in float32 on the GPU
   against the same model in float64 on the CPU.
 - Cached generation on the GPU gives the tokens of recomputing the whole prefix at every step.
+- The lean inference blocks on the GPU give the CPU's module-path logits.
 - The trainer on the GPU: bf16 autocast ends within 5% of float32's validation bits per byte on the same data, and
   its weights load on the CPU.
 """
@@ -189,6 +190,28 @@ def test_cached_generation_on_the_gpu_equals_recomputing_the_prefix():
             ref = torch.cat([ref, model(ref)[:, -1].argmax(-1, keepdim=True)], 1)
     assert out.device.type == "cuda"
     assert torch.equal(out, ref)
+
+
+def test_lean_inference_blocks_on_the_gpu_equal_the_cpu_module_path(monkeypatch):
+    """ViT-Tiny's stack in inference on the GPU runs its blocks from their plans (`lean_block`), float32, and gives
+    the logits of the same model in float64 on the CPU through its modules (the lean path switched off)."""
+    from unittest import mock
+
+    from formers import blocks
+
+    torch.manual_seed(0)
+    cpu = formers.create_model("vit_tiny_patch16_224", num_classes=10).eval()
+    gpu = copy.deepcopy(cpu).to(CUDA)
+    x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = blocks.lean_block
+    monkeypatch.setattr(blocks, "lean_block", lambda p, h: calls.append(1) or real(p, h))
+    with torch.no_grad():
+        y = gpu(x.to(CUDA))
+        assert len(calls) == 11  # every block but the last, which computes the class token's row alone
+        with mock.patch.object(blocks.PlainStack, "lean_plans", lambda self, h, b: None):
+            ref = cpu.double()(x.double())
+    torch.testing.assert_close(y.double().cpu(), ref, atol=1e-4, rtol=1e-4)
 
 
 def test_trainer_on_the_gpu_bf16_tracks_float32_and_its_weights_load_on_the_cpu(tmp_path):

@@ -831,26 +831,26 @@ def test_kv_bias_fold_runs_and_equals_plain_attention(monkeypatch):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.5)  # large biases, so that a dropped b_v or a wrong head mapping shows
-    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    x = torch.randn(2, 40, 24, dtype=torch.float64)  # 80 rows: FOLD_MIN_ROWS
     folds = []
     real = A.Affine.__init__
     monkeypatch.setattr(A.Affine, "__init__", lambda self, w, b: folds.append(1) or real(self, w, b))
     with torch.no_grad():
         y = m(x)
     assert folds == [1]
-    q = (x @ m.q.weight.T + m.q.bias).view(2, 9, 6, 4).transpose(1, 2)
-    k, v = (x @ m.kv.weight.T + m.kv.bias).view(2, 9, 2, 2, 4).permute(2, 0, 3, 1, 4)
+    q = (x @ m.q.weight.T + m.q.bias).view(2, 40, 6, 4).transpose(1, 2)
+    k, v = (x @ m.kv.weight.T + m.kv.bias).view(2, 40, 2, 2, 4).permute(2, 0, 3, 1, 4)
     k, v = k.repeat_interleave(3, 1), v.repeat_interleave(3, 1)
-    naive = (((q @ k.transpose(-1, -2)) * 0.5).softmax(-1) @ v).transpose(1, 2).reshape(2, 9, 24)
+    naive = (((q @ k.transpose(-1, -2)) * 0.5).softmax(-1) @ v).transpose(1, 2).reshape(2, 40, 24)
     torch.testing.assert_close(y, (naive @ m.out.weight.T + m.out.bias).detach(), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(y, m(x).detach(), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("why", ["empty_row_mask", "rope", "cache", "gated"])
+@pytest.mark.parametrize("why", ["empty_row_mask", "rope", "cache", "gated", "few_rows"])
 def test_kv_bias_fold_is_off_where_it_would_differ(why, monkeypatch):
     """A key mask that leaves a row with no key (its output is zero, not b_v), rotary positions (q . R b_k depends
     on the key), a KV cache (its keys must stay whole) and an output_mod (a gate scales b_v too): no fold, and the
-    output equals the autograd path."""
+    output equals the autograd path. Nor below FOLD_MIN_ROWS rows, where the fold costs more than the bias."""
     from formers.nn import attention as A
 
     monkeypatch.setattr(A.Affine, "__init__", lambda *a: pytest.fail("kv bias folded"))
@@ -863,10 +863,10 @@ def test_kv_bias_fold_is_off_where_it_would_differ(why, monkeypatch):
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    x = torch.randn(2, 9, 24, dtype=torch.float64)
+    x = torch.randn(2, 9 if why == "few_rows" else 40, 24, dtype=torch.float64)
     kw = {}
     if why == "empty_row_mask":
-        kw["mask"] = torch.tensor([[True] * 9, [False] * 9])
+        kw["mask"] = torch.tensor([[True] * 40, [False] * 40])
     elif why == "rope":
         kw["positions"] = formers.build("position", "rope", dim=4, max_len=32)
     c1, c2 = KVCache(), KVCache()
@@ -1197,7 +1197,7 @@ LEAN_MODELS = {  # name: (model, input, blocks that run lean)
     "vit_avg": (lambda: _vit(global_pool="avg"), lambda: torch.randn(3, 3, 16, 16), 2),
     "encoder_bias_gqa": (lambda: _encoder(pool="mean", block={"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2,
                                                                           "bias": True}}),
-                         lambda: torch.randint(0, 50, (2, 30)), 3),
+                         lambda: torch.randint(0, 50, (3, 30)), 3),  # 93 rows: the value bias folded
     # 4 x 200 rows x 128 hidden: fc1's output takes the in-place GELU (IN_PLACE_MIN)
     "lm_gpt2_in_place_gelu": (lambda: _lm(block=LEAN_CONFIGS["gpt2"]["block"], tie_embeddings=True),
                               lambda: torch.randint(0, 40, (4, 200)), 3),

@@ -187,7 +187,7 @@ def decode_step(model: LM, plan: list[tuple], idx: torch.Tensor, cache: list[KVC
     for (norm1, (wq, bq, wkv, bkv, wo, bo, H, Hkv, Dh, scale, _), ffn), c in zip(plan, cache):
         h = norm1(x)
         q = F.linear(h, wq, bq).view(B, 1, H, Dh).transpose(1, 2)  # (B, H, 1, Dh)
-        k, v = F.linear(h, wkv, bkv).view(B, 1, 2, Hkv, Dh).permute(2, 0, 3, 1, 4)  # (B, Hkv, 1, Dh) each
+        k, v = F.linear(h, wkv, bkv).view(B, 1, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, 1, Dh) each
         k, v = c.update(k, v)  # (B, Hkv, L, Dh): the one query sees every cached key, no mask
         y = _sdpa(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
         x = add_matmul(x, y.transpose(1, 2).reshape(B, 1, H * Dh), wo, bo)  # as PreNorm's fused inference path

@@ -113,9 +113,12 @@ def plain_tree(root: nn.Module, evaluating: bool = False, global_checked: bool =
     todo = [root]
     while todo:
         m = todo.pop()
-        if _hooked(m) or "forward" in m.__dict__ or (evaluating and m.training):
+        if m is None:  # an empty slot in `_modules`
+            continue
+        if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks  # `_hooked`,
+                or "forward" in m.__dict__ or (evaluating and m.training)):  # inline: this runs once per block
             return False
-        todo.extend(c for c in m._modules.values() if c is not None)
+        todo += m._modules.values()
     return True
 
 
