@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from formers.nn.attention import FOLD_MIN_ROWS, Affine, SoftmaxAttention, _sdpa
+from formers.nn import attention
+from formers.nn.attention import FOLD_MIN_ROWS, Affine, SoftmaxAttention
 from formers.nn.ffn import IN_PLACE_MIN, MLP, GeluLinear
 from formers.nn.hooks import _global_hooks, autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
 from formers.nn.norm import RMSNorm
@@ -327,6 +328,19 @@ class Block(nn.Module):
 # tests/test_fast_paths.py checks both against the module path, bit for bit, and where they must not run.
 
 
+@functools.cache
+def _own_methods(cls: type) -> frozenset:
+    """The methods a class and its bases below nn.Module define (what its module path may call on an instance)."""
+    return frozenset(k for c in cls.__mro__ if c not in (nn.Module, object) for k, v in vars(c).items()
+                     if callable(v) or isinstance(v, (staticmethod, classmethod)))
+
+
+def _unpatched(*mods: nn.Module) -> bool:
+    """No method of these modules' classes replaced on the instance (`forward_split`, `add_into`, `run`, ...): the
+    module path would call the replacement, which a plan does not see."""
+    return all(_own_methods(type(m)).isdisjoint(m.__dict__) for m in mods)
+
+
 def norm_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> norm(x) for one norm module: LayerNorm / formers RMSNorm inlined, anything else called."""
     if isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward:
@@ -351,11 +365,12 @@ def _plain_mlp(m: MLP) -> tuple | None:
 
 
 def ffn_add_fn(m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """(h, x) -> x + ffn(h), written into x, as `PreNorm.add_into` computes it (the same ops, so the same bits): the
-    MLP with a plain GELU inlined (GELU in place on fc1's output from IN_PLACE_MIN elements, as `MLP.forward_split`),
+    """(h, x) -> x + ffn(h), written into x where x is contiguous and out of place where not, as `Block.forward`
+    computes it (`PreNorm.add_into`, else `PreNorm.forward`: the same ops, so the same bits): the MLP with a plain GELU
+    inlined (GELU in place on fc1's output from IN_PLACE_MIN elements, as `MLP.forward_split`),
     a feed-forward with `forward_split` through it, anything else called. For a module tree already checked for
     hooks, replaced forwards and evaluation mode."""
-    parts = _plain_mlp(m) if type(m) is MLP else None
+    parts = _plain_mlp(m) if type(m) is MLP and _unpatched(m) else None
     if parts is not None:
         fc1, act, fc2 = parts
         w1, b1, w2, b2, approximate = fc1.weight, fc1.bias, fc2.weight, fc2.bias, act.approximate
@@ -364,12 +379,12 @@ def ffn_add_fn(m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Ten
             u = F.linear(h, w1, b1)
             u = (torch.ops.aten.gelu_(u, approximate=approximate) if u.numel() >= IN_PLACE_MIN
                  else F.gelu(u, approximate=approximate))
-            return add_matmul(x, u, w2, b2, inplace=True)
+            return add_matmul(x, u, w2, b2, inplace=x.is_contiguous())
         return mlp_add
     if _splits(type(m)):
         def split_add(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             y, out = m.forward_split(h)
-            return linear_add(x, y, out, inplace=True)
+            return linear_add(x, y, out, inplace=x.is_contiguous())
         return split_add
     return lambda h, x: x + m(h)
 
@@ -395,7 +410,7 @@ def block_plan(block: nn.Module, fold: bool = True) -> tuple | None:
         return None
     q, kv, o = m._modules.get("q"), m._modules.get("kv"), m._modules.get("out")
     if (m.explicit or type(q) is not nn.Linear or type(kv) is not nn.Linear or type(o) is not nn.Linear
-            or any(k in m.__dict__ for k in ("project", "output_mod", "score_mod", "probs", "forward_split"))):
+            or not _unpatched(block, a, m)):
         return None
     bkv, bo = kv.bias, o.bias
     if fold and bkv is not None:
@@ -407,7 +422,8 @@ def block_plan(block: nn.Module, fold: bool = True) -> tuple | None:
         if type(f) is not PreNorm:
             return None
         fn, norm2, residual, drop = (f._modules.get(k) for k in ("fn", "norm", "residual", "drop"))
-        if fn is None or norm2 is None or type(residual) is not AddResidual or type(drop) is not nn.Dropout:
+        if (fn is None or norm2 is None or type(residual) is not AddResidual or type(drop) is not nn.Dropout
+                or not _unpatched(f)):
             return None
         ffn = (norm_fn(norm2), ffn_add_fn(fn))
     return norm_fn(norm), attn, ffn
@@ -422,7 +438,7 @@ def lean_block(plan: tuple, x: torch.Tensor) -> torch.Tensor:
     h = norm1(x)
     q = F.linear(h, wq, bq).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
     k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, Dh) each
-    y = _sdpa(q, k, v, dropout_p=0.0, is_causal=causal and N > 1, scale=scale)
+    y = attention._sdpa(q, k, v, dropout_p=0.0, is_causal=causal and N > 1, scale=scale)  # (a patch of it is seen)
     x = add_matmul(x, y.transpose(1, 2).reshape(B, N, H * Dh), wo, bo)
     if ffn is not None:  # x is fresh: the feed-forward adds into it
         norm2, ffn_add = ffn
@@ -517,10 +533,12 @@ class PlainStack(Stack):
 
     def lean_plans(self, x: torch.Tensor, blocks) -> list | None:
         """`block_plan` of each block (None for those that run as modules), or None where no block may run lean:
-        autograd on, autocast, torch.compile tracing (it sees the modules), global module hooks, or `run`
-        overridden. The caller passes no mask, positions or cache."""
+        autograd on, autocast, torch.compile tracing (it sees the modules), global module hooks, `run` overridden
+        or replaced on the instance, or a method of the classes a plan stands in for patched on the class (to read
+        attention maps, say). The caller passes no mask, positions or cache."""
         if (torch.is_grad_enabled() or autocast_on(x.device.type) or type(self).run is not Stack.run
-                or torch.compiler.is_compiling() or _global_hooks()):
+                or "run" in self.__dict__ or torch.compiler.is_compiling() or _global_hooks()
+                or not _classes_unpatched()):
             return None
         fold = x.shape[0] * x.shape[1] >= FOLD_MIN_ROWS  # as SoftmaxAttention.forward_split
         return [block_plan(b, fold) for b in blocks]
@@ -544,6 +562,15 @@ class PlainStack(Stack):
 
 def build_stack(spec: Any, depth: int, make_block: Callable[[int], nn.Module], path: str = "model.stack") -> Stack:
     return build("stack", spec, path=path, reserved=("depth", "make_block"), depth=depth, make_block=make_block)
+
+
+# every method of the classes whose module path a plan stands in for, as defined: a class-level patch turns plans off
+_ORIGINAL = {(c, k): v for c in (Stack, PlainStack, Block, Placement, PreNorm, AddResidual, SoftmaxAttention, MLP)
+             for k, v in vars(c).items() if callable(v) or isinstance(v, (staticmethod, classmethod))}
+
+
+def _classes_unpatched() -> bool:
+    return all(vars(c).get(k) is v for (c, k), v in _ORIGINAL.items())
 
 
 __all__ = ["Block", "BLOCK_DEFAULTS", "PlainStack", "add_matmul", "block_plan", "is_row_wise", "layer_specs",

@@ -1250,12 +1250,14 @@ def test_lean_vit_equals_the_naive_vit_and_leaves_its_input_alone(monkeypatch):
 
 @pytest.mark.parametrize("why", ["grad", "train", "dropout_training", "hook", "global_hook", "patched_forward",
                                  "output_mod", "out_subclass", "mask", "rope", "autocast", "post", "lns",
-                                 "stack_run"])
+                                 "stack_run", "run_on_instance", "split_on_instance", "class_patch"])
 def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
     """Autograd, training mode (the whole model or one dropout), a hook on a module or a global one, a forward or
     `output_mod` replaced on an instance, an adapted output projection, a key mask, relative positions, autocast,
-    Post-LN / LNS placements or a stack with its own `run` keep the affected blocks on the module path, and the
-    output is the module path's (hooks fire, replacements run)."""
+    Post-LN / LNS placements, a stack with its own `run` (in its class or on the instance) or a method patched on a
+    class keep the affected blocks on the module path, and the output is the module path's (hooks fire, replacements
+    run). An MLP whose `forward_split` is replaced on the instance stays lean but is called, as the module path
+    calls it."""
     kw = {"rope": {"position": "rope"}, "post": {"block": {"placement": "post"}},
           "lns": {"block": {"placement": "lns"}}}.get(why, {})
     m = _encoder(pool="mean", **kw) if why == "mask" else _lm(**kw)
@@ -1299,6 +1301,20 @@ def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
                 return super().run(block, x, **k)
 
         m.stack.__class__ = Logged
+    elif why == "run_on_instance":
+        real_run = m.stack.run
+        m.stack.run = lambda block, h, **k: seen.append(1) or real_run(block, h, **k)
+    elif why == "split_on_instance":
+        mlp = blk.ffn.fn
+        real_split = mlp.forward_split
+        mlp.forward_split = lambda h: seen.append(1) or (lambda y, out: (y * 0.5, out))(*real_split(h))
+        expect = 3
+    elif why == "class_patch":  # e.g. a user's wrapper that records what attention computes
+        from formers.nn.attention import SoftmaxAttention
+
+        real_split = SoftmaxAttention.forward_split
+        monkeypatch.setattr(SoftmaxAttention, "forward_split", lambda self, h, **k: seen.append(1) or
+                            real_split(self, h, **k))
     calls = _count_lean(monkeypatch)
     ctx = (torch.autocast("cpu", dtype=torch.bfloat16) if why == "autocast" else
            torch.enable_grad() if why == "grad" else contextlib.nullcontext())
@@ -1318,5 +1334,23 @@ def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
         assert torch.equal(y, ref)
     if why in ("hook", "global_hook"):
         assert seen == [1, 1]
-    if why == "stack_run":
-        assert len(seen) == 2 * 3
+    if why in ("stack_run", "run_on_instance", "class_patch"):
+        assert len(seen) == 2 * 3  # three blocks, two forwards
+    if why == "split_on_instance":
+        assert seen == [1, 1]
+
+
+@pytest.mark.parametrize("act", ["gelu", "relu"])  # the inlined MLP; through forward_split
+def test_lean_blocks_on_a_non_contiguous_input_equal_the_module_path(act, monkeypatch):
+    """A stack input that is a transposed view (as a patch embedding's output can be at batch 1) makes the attention
+    sublayer's output non-contiguous: the module path then adds the feed-forward out of place, and so must a plan
+    (in place it would round differently)."""
+    m = _lm(block={"mixer": {"name": "softmax", "heads": 4, "bias": True}, "ffn": {"name": "mlp", "act": act}})
+    calls = _count_lean(monkeypatch)
+    for x in (torch.randn(1, 32, 24).transpose(1, 2), torch.randn(5, 32).unsqueeze(1)):  # (1, 24, 32), (5, 1, 32)
+        with torch.no_grad():
+            y = m.stack(x)
+            with _lean_off():
+                ref = m.stack(x)
+        assert torch.equal(y, ref)
+    assert len(calls) == 2 * 3
