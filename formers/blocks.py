@@ -367,9 +367,9 @@ def _plain_mlp(m: MLP) -> tuple | None:
 def ffn_add_fn(m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(h, x) -> x + ffn(h), written into x where x is contiguous and out of place where not, as `Block.forward`
     computes it (`PreNorm.add_into`, else `PreNorm.forward`: the same ops, so the same bits): the MLP with a plain GELU
-    inlined (GELU in place on fc1's output from IN_PLACE_MIN elements, as `MLP.forward_split`),
-    a feed-forward with `forward_split` through it, anything else called. For a module tree already checked for
-    hooks, replaced forwards and evaluation mode."""
+    inlined (GELU in place on fc1's output from IN_PLACE_MIN elements, as `MLP.forward_split`), a feed-forward with
+    `forward_split` through it, anything else called. For a module tree already checked for hooks, replaced
+    forwards and evaluation mode."""
     parts = _plain_mlp(m) if type(m) is MLP and _unpatched(m) else None
     if parts is not None:
         fc1, act, fc2 = parts
@@ -438,7 +438,7 @@ def lean_block(plan: tuple, x: torch.Tensor) -> torch.Tensor:
     h = norm1(x)
     q = F.linear(h, wq, bq).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
     k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, Dh) each
-    y = attention._sdpa(q, k, v, dropout_p=0.0, is_causal=causal and N > 1, scale=scale)  # (a patch of it is seen)
+    y = attention._sdpa(q, k, v, dropout_p=0.0, is_causal=causal and N > 1, scale=scale)  # a patch of it applies
     x = add_matmul(x, y.transpose(1, 2).reshape(B, N, H * Dh), wo, bo)
     if ffn is not None:  # x is fresh: the feed-forward adds into it
         norm2, ffn_add = ffn
@@ -570,6 +570,7 @@ _ORIGINAL = {(c, k): v for c in (Stack, PlainStack, Block, Placement, PreNorm, A
 
 
 def _classes_unpatched() -> bool:
+    """No method of those classes patched (a user's wrapper that records attention, say): plans may stand in."""
     return all(vars(c).get(k) is v for (c, k), v in _ORIGINAL.items())
 
 

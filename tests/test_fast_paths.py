@@ -473,7 +473,7 @@ def test_generate_takes_the_lean_step_and_equals_uncached(monkeypatch):
 
 
 @pytest.mark.parametrize("why", ["rope", "hook", "looped", "post", "explicit", "lns", "gru_gate", "train",
-                                 "out_subclass", "embed_subclass", "patched_forward"])
+                                 "out_subclass", "embed_subclass", "patched_forward", "class_patch"])
 def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
     """Relative positions, a hook anywhere, a looped stack, Post-LN / LNS placements, an explicit-score mixer, a
     gated residual, an adapted (subclassed) output projection or embedding, or a forward replaced on an instance
@@ -505,6 +505,11 @@ def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
     elif why == "patched_forward":
         out = model.stack.blocks[0].attn.fn.out
         out.forward = lambda t: torch.nn.functional.linear(t, out.weight) * 2.0
+    elif why == "class_patch":  # a method of a class the plan stands in for, patched (to record attention, say)
+        from formers.nn.attention import SoftmaxAttention
+
+        real_split = SoftmaxAttention.forward_split
+        monkeypatch.setattr(SoftmaxAttention, "forward_split", lambda self, h, **k: real_split(self, h, **k))
     if why == "train":
         model.train()
         assert lm.decode_plan(model) is None

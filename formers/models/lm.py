@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.blocks import PlainStack, add_matmul, block_plan
+from formers.blocks import PlainStack, _classes_unpatched, add_matmul, block_plan
 from formers.models.base import SequenceModel
 from formers.nn.attention import KVCache, _sdpa
 from formers.nn.hooks import clear_aux, forward_unpatched, hook_free
@@ -165,7 +165,7 @@ def decode_plan(model: LM) -> list[tuple] | None:
             or model._relative_positions() is not None or not hook_free(*mods) or not forward_unpatched(*mods)
             or cls.forward is not LM.forward
             or cls.forward_head is not LM.forward_head  # a subclass's own forward would not be replayed
-            or cls.forward_features is not SequenceModel.forward_features):
+            or cls.forward_features is not SequenceModel.forward_features or not _classes_unpatched()):
         return None
     plan = []
     for block in model.stack.blocks:
