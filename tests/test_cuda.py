@@ -205,11 +205,11 @@ def test_lean_inference_blocks_on_the_gpu_equal_the_cpu_module_path(monkeypatch)
     x = torch.randn(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     calls = []
     real = blocks.lean_block
-    monkeypatch.setattr(blocks, "lean_block", lambda p, h: calls.append(1) or real(p, h))
+    monkeypatch.setattr(blocks, "lean_block", lambda p, h, masks=None: calls.append(1) or real(p, h, masks))
     with torch.no_grad():
         y = gpu(x.to(CUDA))
         assert len(calls) == 11  # every block but the last, which computes the class token's row alone
-        with mock.patch.object(blocks.PlainStack, "lean_plans", lambda self, h, b: None):
+        with mock.patch.object(blocks.PlainStack, "lean_plans", lambda self, h, b, **k: None):
             ref = cpu.double()(x.double())
     torch.testing.assert_close(y.double().cpu(), ref, atol=1e-4, rtol=1e-4)
 

@@ -1176,7 +1176,7 @@ def _lean_off():
 
     from formers.blocks import PlainStack
 
-    return mock.patch.object(PlainStack, "lean_plans", lambda self, x, blocks: None)
+    return mock.patch.object(PlainStack, "lean_plans", lambda self, x, blocks, **k: None)
 
 
 def _count_lean(monkeypatch) -> list:
@@ -1184,7 +1184,7 @@ def _count_lean(monkeypatch) -> list:
 
     calls = []
     real = blocks.lean_block
-    monkeypatch.setattr(blocks, "lean_block", lambda p, x: calls.append(x.shape) or real(p, x))
+    monkeypatch.setattr(blocks, "lean_block", lambda p, x, masks=None: calls.append(x.shape) or real(p, x, masks))
     return calls
 
 
@@ -1213,28 +1213,45 @@ LEAN_MODELS = {  # name: (model, input, blocks that run lean)
     "lm_one_explicit_layer": (lambda: _lm(block={"mixer": {"name": "softmax", "heads": 4}},
                                           layers={"1": {"mixer": {"name": "softmax", "heads": 4, "explicit": True}}}),
                               lambda: torch.randint(0, 40, (2, 9)), 2),
+    # key masks: a row with one valid token and a row with none (its attention output is zeroed)
+    "encoder_mask_mean": (lambda: _encoder(pool="mean", block={"mixer": {"name": "softmax", "heads": 4,
+                                                                           "bias": True}}),
+                          lambda: (torch.randint(0, 50, (4, 30)), _key_mask([30, 1, 17, 0])), 3),
+    "encoder_mask_cls": (lambda: _encoder(), lambda: (torch.randint(0, 50, (3, 20)), _key_mask([20, 3, 11])), 2),
+    "lm_mask": (lambda: _lm(), lambda: (torch.randint(0, 40, (3, 12)), _key_mask([12, 5, 1])), 3),
 }
+
+
+def _key_mask(lengths: list[int]) -> torch.Tensor:
+    return torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]
 
 
 @pytest.mark.parametrize("name", list(LEAN_MODELS))
 def test_lean_blocks_equal_the_module_path_bit_for_bit(name, monkeypatch):
     """In inference the stack runs its standard blocks from one plan each (`block_plan`, `lean_block`): the output is
     the module path's to the bit (the same ops in the same order), with GQA, biases (the folded value bias), tanh and
-    in-place GELU, RMSNorm, GLU, ReLU, a layer without feed-forward and a layer left to its modules; and close to the
-    plain path (fused residuals off, every sublayer's module output added)."""
+    in-place GELU, RMSNorm, GLU, ReLU, a layer without feed-forward, a layer left to its modules and key masks (an
+    encoder's, with an all-padding row; an LM's, causal); and close to the plain path (fused residuals off, every
+    sublayer's module output added)."""
     make, inp, n_lean = LEAN_MODELS[name]
     m, x = make(), inp()
+    x, kw = (x, {}) if isinstance(x, torch.Tensor) else (x[0], {"mask": x[1]})
     calls = _count_lean(monkeypatch)
     with torch.no_grad():
-        y = m(x)
+        y = m(x, **kw)
         assert len(calls) == n_lean
         with _lean_off():
-            ref = m(x)
+            ref = m(x, **kw)
         with _lean_off(), _fusion_off():
-            plain = m(x)
+            plain = m(x, **kw)
     assert len(calls) == n_lean
     assert torch.equal(y, ref)
     torch.testing.assert_close(y, plain, atol=1e-5, rtol=1e-5)
+    if kw:  # every token's features too: pooling or a loss may ignore the rows that padding leaves empty
+        with torch.no_grad():
+            h = m.forward_features(x, **kw)
+            with _lean_off():
+                assert torch.equal(h, m.forward_features(x, **kw))
 
 
 def test_lean_vit_equals_the_naive_vit_and_leaves_its_input_alone(monkeypatch):
@@ -1254,20 +1271,23 @@ def test_lean_vit_equals_the_naive_vit_and_leaves_its_input_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("why", ["grad", "train", "dropout_training", "hook", "global_hook", "patched_forward",
-                                 "output_mod", "out_subclass", "mask", "rope", "autocast", "post", "lns",
+                                 "output_mod", "out_subclass", "moe_mask", "rope", "autocast", "post", "lns",
                                  "stack_run", "run_on_instance", "split_on_instance", "class_patch"])
 def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
     """Autograd, training mode (the whole model or one dropout), a hook on a module or a global one, a forward or
-    `output_mod` replaced on an instance, an adapted output projection, a key mask, relative positions, autocast,
+    `output_mod` replaced on an instance, an adapted output projection, a key mask with an MoE feed-forward (which
+    takes it), relative positions, autocast,
     Post-LN / LNS placements, a stack with its own `run` (in its class or on the instance) or a method patched on a
     class keep the affected blocks on the module path, and the output is the module path's (hooks fire, replacements
     run). An MLP whose `forward_split` is replaced on the instance stays lean but is called, as the module path
     calls it."""
     kw = {"rope": {"position": "rope"}, "post": {"block": {"placement": "post"}},
           "lns": {"block": {"placement": "lns"}}}.get(why, {})
-    m = _encoder(pool="mean", **kw) if why == "mask" else _lm(**kw)
-    x = torch.randint(0, 50 if why == "mask" else 40, (2, 9))
-    fkw = {"mask": torch.arange(9)[None] < torch.tensor([9, 4])[:, None]} if why == "mask" else {}
+    if why == "moe_mask":  # MoE capacity takes the key mask, which the module path hands it
+        kw = {"block": {"mixer": {"name": "softmax", "heads": 4}, "ffn": {"name": "moe", "experts": 4}}}
+    m = _encoder(pool="mean", **kw) if why == "moe_mask" else _lm(**kw)
+    x = torch.randint(0, 50 if why == "moe_mask" else 40, (2, 9))
+    fkw = {"mask": torch.arange(9)[None] < torch.tensor([9, 4])[:, None]} if why == "moe_mask" else {}
     expect = 0  # blocks that may still run lean
     seen = []
     blk = m.stack.blocks[0]
@@ -1359,3 +1379,10 @@ def test_lean_blocks_on_a_non_contiguous_input_equal_the_module_path(act, monkey
                 ref = m.stack(x)
         assert torch.equal(y, ref)
     assert len(calls) == 2 * 3
+
+
+def test_lean_blocks_leave_a_key_mask_of_the_wrong_shape_to_the_module_path():
+    """The module path's one-line error, not a lean one."""
+    m = _encoder(pool="mean")
+    with torch.no_grad(), pytest.raises(formers.registry.FormersError, match="attention mask must have shape"):
+        m.forward_features(torch.randint(0, 50, (2, 9)), mask=torch.ones(2, 10, dtype=torch.bool))
