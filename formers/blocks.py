@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from formers.nn import attention
-from formers.nn.attention import FOLD_MIN_ROWS, Affine, SoftmaxAttention
+from formers.nn.attention import FOLD_MIN_ROWS, Affine, KVCache, SoftmaxAttention
 from formers.nn.ffn import IN_PLACE_MIN, MLP, GeluLinear
 from formers.nn.hooks import _global_hooks, autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
 from formers.nn.norm import RMSNorm
@@ -352,28 +352,15 @@ def norm_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return m
 
 
-def _plain_mlp(m: MLP) -> tuple | None:
-    """(fc1, GELU, fc2) where `MLP._gelu_in_place`'s conditions hold for a module tree already checked for hooks,
-    replaced forwards and evaluation mode (`block_plan`, `decode_plan`): plain linear layers and GELU, dropout that is
-    the identity; else None."""
-    fc1, act, fc2, hdrop, drop = (m._modules.get(k) for k in ("fc1", "act", "fc2", "hidden_drop", "drop"))
-    if (type(fc1) is nn.Linear and type(fc2) is nn.Linear and isinstance(act, nn.GELU)
-            and type(act).forward is nn.GELU.forward and type(hdrop) in (nn.Identity, nn.Dropout)
-            and type(drop) is nn.Dropout):
-        return fc1, act, fc2
-    return None
-
-
 def ffn_add_fn(m: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """(h, x) -> x + ffn(h), written into x where x is contiguous and out of place where not, as `Block.forward`
     computes it (`PreNorm.add_into`, else `PreNorm.forward`: the same ops, so the same bits): the MLP with a plain GELU
     inlined (GELU in place on fc1's output from IN_PLACE_MIN elements, as `MLP.forward_split`), a feed-forward with
     `forward_split` through it, anything else called. For a module tree already checked for hooks, replaced
     forwards and evaluation mode."""
-    parts = _plain_mlp(m) if type(m) is MLP and _unpatched(m) else None
-    if parts is not None:
-        fc1, act, fc2 = parts
-        w1, b1, w2, b2, approximate = fc1.weight, fc1.bias, fc2.weight, fc2.bias, act.approximate
+    if (type(m) is MLP and _unpatched(m) and type(m.fc1) is nn.Linear and type(m.fc2) is nn.Linear
+            and m._plain_gelu_kinds()):  # `MLP._gelu_in_place`, the hooks and forwards checked by the caller
+        w1, b1, w2, b2, approximate = m.fc1.weight, m.fc1.bias, m.fc2.weight, m.fc2.bias, m.act.approximate
 
         def mlp_add(h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
             u = F.linear(h, w1, b1)
@@ -432,28 +419,31 @@ def block_plan(block: nn.Module, fold: bool = True, masked: bool = False) -> tup
     return norm_fn(norm), attn, ffn
 
 
-def lean_block(plan: tuple, x: torch.Tensor, masks: dict | None = None) -> torch.Tensor:
-    """The block of `plan` (block_plan) on x (B, N, D) -> (B, N, D), self-attention over all N rows with no
-    positions or cache: `Block.forward`'s inference ops (the attention's fused q/kv projections and SDPA, the output
-    projection accumulating into the residual, the feed-forward adding into that fresh sum). `masks` (`lean_masks`)
-    where the stack has a key mask: {causal: (allowed, rows to zero or None)}, made once for every block. The
+def lean_block(plan: tuple, x: torch.Tensor, masks: dict | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    """The block of `plan` (block_plan) on x (B, N, D) -> (B, N, D), self-attention with no relative positions:
+    `Block.forward`'s inference ops (the attention's fused q/kv projections and SDPA, the output projection
+    accumulating into the residual, the feed-forward adding into that fresh sum). `masks` (`lean_masks`) where the
+    stack has a key mask: {causal: (allowed, rows to zero or None)}, made once for every block. `cache`: one decoded
+    token per row (N = 1, `LM.generate`'s `decode_step`), its keys and values appended, every cached key seen. The
     attention's temporaries (and the normed rows, `ffn_add_fn`) are freed when the module path frees them, so that
     the feed-forward's buffers can reuse their memory: a first version that held them read 0.94-0.95x the module
     path in two A/Bs of an encoder at 32 x 128 tokens here, this one 0.98-1.01x."""
     norm1, attn, ffn = plan
-    x = add_matmul(x, _lean_attention(attn, norm1(x), masks), attn[4], attn[5])
+    x = add_matmul(x, _lean_attention(attn, norm1(x), masks, cache), attn[4], attn[5])
     if ffn is not None:  # x is fresh: the feed-forward adds into it
         norm2, ffn_add = ffn
         x = ffn_add(norm2(x), x)
     return x
 
 
-def _lean_attention(attn: tuple, h: torch.Tensor, masks: dict | None) -> torch.Tensor:
+def _lean_attention(attn: tuple, h: torch.Tensor, masks: dict | None, cache: KVCache | None) -> torch.Tensor:
     """Self-attention of the normed rows h (B, N, D) -> merged heads (B, N, H * Dh), before the output projection."""
     wq, bq, wkv, bkv, _, _, H, Hkv, Dh, scale, causal = attn
     B, N, _ = h.shape
     q = F.linear(h, wq, bq).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
     k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, Dh) each
+    if cache is not None:  # (B, Hkv, L, Dh): the one query sees every cached key, no mask (N = 1: not causal below)
+        k, v = cache.update(k, v)
     if masks is None:  # through the module, so that a patch of attention._sdpa applies here too
         y = attention._sdpa(q, k, v, dropout_p=0.0, is_causal=causal and N > 1, scale=scale)
     else:  # as SoftmaxAttention.forward_split with a key mask
@@ -464,13 +454,13 @@ def _lean_attention(attn: tuple, h: torch.Tensor, masks: dict | None) -> torch.T
     return y.transpose(1, 2).reshape(B, N, H * Dh)
 
 
-def lean_masks(mask: torch.Tensor, x: torch.Tensor) -> dict:
+def lean_masks(mask: torch.Tensor, x: torch.Tensor, plans: list) -> dict:
     """For a key mask (B, N) over x (B, N, D): {causal: (allowed, rows to zero or None)} as every block's
     `SoftmaxAttention.forward_split` would make them (`_allowed`; the rows left with no key are zeroed after the
-    attention, on a CPU only where there are any), once for the whole stack."""
+    attention, on a CPU only where there are any), once for the whole stack, for the kinds its `plans` need."""
     N = x.shape[1]
     out = {}
-    for causal in (False, True):
+    for causal in {p[1][-1] and N > 1 for p in plans if p is not None}:
         allowed, empty = SoftmaxAttention._allowed(N, N, causal, 0, mask, x.device)
         out[causal] = (allowed, empty if x.device.type != "cpu" or bool(empty.any()) else None)
     return out
@@ -554,7 +544,7 @@ class PlainStack(Stack):
 
     def forward(self, x: torch.Tensor, *, cache: list | None = None, **kw) -> torch.Tensor:
         plans = self.lean_plans(x, self.blocks, cache=cache, **kw)
-        masks = lean_masks(kw["mask"], x) if plans and kw.get("mask") is not None else None
+        masks = lean_masks(kw["mask"], x, plans) if plans and kw.get("mask") is not None else None
         for i, block in enumerate(self.blocks):
             if plans and plans[i] is not None:
                 x = lean_block(plans[i], x, masks)
@@ -588,7 +578,7 @@ class PlainStack(Stack):
         *first, last = self.blocks
         kw = {} if mask is None else {"mask": mask}  # as forward, which passes a mask only when the model has one
         plans = self.lean_plans(x, first, mask=mask)
-        masks = lean_masks(mask, x) if plans and mask is not None else None
+        masks = lean_masks(mask, x, plans) if plans and mask is not None else None
         for i, block in enumerate(first):
             x = lean_block(plans[i], x, masks) if plans and plans[i] is not None else self.run(block, x, **kw)
         return last.forward_prefix(x, n, mask=mask)

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.blocks import PlainStack, _classes_unpatched, add_matmul, block_plan
+from formers.blocks import PlainStack, _classes_unpatched, block_plan, lean_block
 from formers.models.base import SequenceModel
-from formers.nn.attention import KVCache, _sdpa
+from formers.nn.attention import KVCache
 from formers.nn.hooks import clear_aux, forward_unpatched, hook_free
 from formers.registry import FormersError, register
 
@@ -183,17 +183,8 @@ def decode_step(model: LM, plan: list[tuple], idx: torch.Tensor, cache: list[KVC
     x = F.embedding(idx, model.embed.weight)  # (B, 1, D)
     if getattr(model.position, "kind", "") == "absolute":
         x = model.position(x, cache[0].length)
-    B = x.shape[0]
-    for (norm1, (wq, bq, wkv, bkv, wo, bo, H, Hkv, Dh, scale, _), ffn), c in zip(plan, cache):
-        h = norm1(x)
-        q = F.linear(h, wq, bq).view(B, 1, H, Dh).transpose(1, 2)  # (B, H, 1, Dh)
-        k, v = F.linear(h, wkv, bkv).view(B, 1, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, 1, Dh) each
-        k, v = c.update(k, v)  # (B, Hkv, L, Dh): the one query sees every cached key, no mask
-        y = _sdpa(q, k, v, dropout_p=0.0, is_causal=False, scale=scale)
-        x = add_matmul(x, y.transpose(1, 2).reshape(B, 1, H * Dh), wo, bo)  # as PreNorm's fused inference path
-        if ffn is not None:  # x is fresh: the feed-forward adds into it, as Block.forward does in inference
-            norm2, ffn_add = ffn
-            x = ffn_add(norm2(x), x)
+    for p, c in zip(plan, cache):
+        x = lean_block(p, x, cache=c)  # the block's inference ops, its keys and values appended to the cache
     return model.forward_head(model.norm(x))[:, -1]
 
 

@@ -137,12 +137,24 @@ class MLP(nn.Module):
                 and hook_free(self.fc1) and forward_unpatched(self.fc1))
 
     def _plain_gelu_no_dropout(self) -> bool:
-        """What both GELU fast paths need besides their own linear layer: a plain nn.GELU (no subclass forward, hook
-        or replaced forward) and hidden and output dropout that are the identity (no hooks on them either)."""
-        return (isinstance(self.act, nn.GELU) and type(self.act).forward is nn.GELU.forward
-                and (type(self.hidden_drop) is nn.Identity or idle_dropout(self.hidden_drop))
-                and (not self.drop.p or idle_dropout(self.drop))
-                and hook_free(self.act, self.hidden_drop, self.drop) and forward_unpatched(self.act))
+        """What both GELU fast paths need besides their own linear layer: `_plain_gelu_kinds`, and no hooks or
+        replaced forward on the GELU and the dropouts."""
+        return (self._plain_gelu_kinds() and hook_free(self.act, self.hidden_drop, self.drop)
+                and forward_unpatched(self.act, self.hidden_drop, self.drop))
+
+    def _plain_gelu_kinds(self) -> bool:
+        """A plain nn.GELU (no subclass forward) and hidden and output dropout that are the identity (nn.Identity, or
+        a plain nn.Dropout in evaluation mode or at p = 0): the types and modes only, all that the lean inference
+        plans ask (formers/blocks.py `block_plan`, which has walked the block for hooks and replaced forwards)."""
+        act, hidden, out = self.act, self.hidden_drop, self.drop
+        return (isinstance(act, nn.GELU) and type(act).forward is nn.GELU.forward
+                and (type(hidden) is nn.Identity or _identity_dropout(hidden))
+                and (not out.p or _identity_dropout(out)))
+
+
+def _identity_dropout(m: nn.Module) -> bool:
+    """A plain nn.Dropout that drops nothing: evaluation mode or p = 0 (`idle_dropout` without its hook checks)."""
+    return type(m) is nn.Dropout and (not m.training or m.p == 0)
 
 
 @register("ffn", "glu", paper="baseline")
