@@ -7,9 +7,9 @@ runs it: q, k, v are views of one fused QKV projection output (B, N, 3 H Dh), th
 (B, N, H Dh), and the gradient reaches the QKV output. The two sides alternate in every repetition (the order flips
 each time) in one process; the JSON keeps the median time of each and the median of the paired ratios. Both sides
 are first checked equal (outputs and gradients, 1e-4). `CAUSAL_BLOCKS_LEN` in formers/nn/attention.py, the lengths
-at which training takes the block kernel, starts at 256 although the kernel alone is not faster there (0.95-0.97x
-in two runs): paired A/Bs of the whole LM training step at 256 tokens were 1.035-1.08x faster with it. Below 256 it
-is slower alone (0.75-0.88x), so shorter sequences keep SDPA. Run it on an idle machine.
+at which training takes the block kernel, starts at 256: below that the kernel alone is slower than SDPA (0.93-0.98x
+at 128-192 tokens), so shorter sequences keep SDPA. Each shape runs with the block size training takes there
+(`causal_block`), or `--block`. Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from formers.bench.harness import meta, out_path, save
-from formers.nn.attention import CAUSAL_BLOCK, BlockCausalAttention
+from formers.nn.attention import BlockCausalAttention, causal_block
 
 SHAPES = [(8, 4, 128, 64), (8, 4, 192, 64), (8, 4, 256, 64), (8, 4, 384, 64), (4, 4, 512, 64), (2, 4, 768, 64),
           (2, 4, 1024, 64), (8, 8, 256, 32), (8, 2, 256, 128)]
@@ -59,13 +59,14 @@ def sides(B: int, H: int, N: int, D: int, block: int):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=21)
-    ap.add_argument("--block", type=int, default=CAUSAL_BLOCK)
+    ap.add_argument("--block", type=int, default=None, help="query rows per block (default: what training takes)")
     ap.add_argument("--out", default="results")
     a = ap.parse_args(argv)
     path = out_path(a.out, "attention_blocks.json", "attention_blocks")
     rows = []
     for B, H, N, D in SHAPES:
-        fns, err = sides(B, H, N, D, a.block)
+        block = a.block or causal_block(N)
+        fns, err = sides(B, H, N, D, block)
         for f in fns.values():
             f()
         t: dict[str, list[float]] = {n: [] for n in fns}
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                 fns[n]()
                 t[n].append(time.perf_counter() - s)
         ratio = statistics.median(a_ / b_ for a_, b_ in zip(t["sdpa"], t["blocks"]))
-        row = {"batch": B, "heads": H, "seq": N, "head_dim": D, "block": a.block, "max_abs_diff": err,
+        row = {"batch": B, "heads": H, "seq": N, "head_dim": D, "block": block, "max_abs_diff": err,
                "sdpa_ms": round(statistics.median(t["sdpa"]) * 1e3, 3),
                "blocks_ms": round(statistics.median(t["blocks"]) * 1e3, 3), "speedup": round(ratio, 3)}
         rows.append(row)

@@ -1057,6 +1057,29 @@ def test_block_causal_is_off_where_it_does_not_apply(why, monkeypatch):
         torch.testing.assert_close(y, two_projection_attention(m, x), atol=1e-10, rtol=1e-10)
 
 
+def test_block_causal_block_size_follows_the_length(monkeypatch):
+    """Training takes blocks of CAUSAL_BLOCK queries below CAUSAL_BLOCK_WIDE_FROM tokens and twice that from there,
+    and either gives the naive attention's output and gradients."""
+    calls = []
+    real = attention.BlockCausalAttention.apply
+    monkeypatch.setattr(attention.BlockCausalAttention, "apply", lambda *a: calls.append(a[-1]) or real(*a))
+    monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (8, 64))
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
+    monkeypatch.setattr(attention, "CAUSAL_BLOCK_WIDE_FROM", 20)
+    torch.manual_seed(0)
+    m = make().train()
+    for n, block in ((16, 4), (19, 4), (20, 8), (33, 8)):
+        x = torch.randn(2, n, 24, dtype=torch.float64, requires_grad=True)
+        y = m(x)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        assert calls[-1] == block
+        x2 = x.detach().requires_grad_()
+        ref = two_projection_attention(m, x2)
+        torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+        torch.testing.assert_close(g, torch.autograd.grad(ref.sum(), x2)[0], atol=1e-10, rtol=1e-10)
+    assert len(calls) == 4
+
+
 def test_block_causal_mask_ignores_the_default_device():
     """The kernel's cached causal mask is made on its inputs' device: a first call under a `torch.device("meta")`
     default (as when a model is sized on meta) neither fails nor leaves a meta mask for later calls."""

@@ -13,10 +13,11 @@ each against the plain computation):
 - GQA through SDPA's `enable_gqa` (torch >= 2.5) instead of copying the shared key/value heads;
 - `KVCache` writes decoded keys/values into a pre-allocated buffer instead of re-concatenating them;
 - causal training on a CPU at lengths CAUSAL_BLOCKS_LEN: `BlockCausalAttention`, the scores in row blocks of
-  CAUSAL_BLOCK queries, each block only against the keys it may see, with batched matmuls. Measured on a 2-core
-  Xeon VM: the benchmark LM's whole training step (256 tokens) 1.035-1.08x faster than with SDPA's CPU flash kernel
-  in paired A/Bs; the attention alone (benchmarks/attention_blocks.py) 0.95-0.97x flash at 256 tokens, 1.04-1.19x
-  at 384-1024 and 0.75-0.88x below 256, which keep SDPA.
+  `causal_block` queries, each block only against the keys it may see, with batched matmuls. Measured on a 2-core
+  Xeon VM, the attention alone (benchmarks/attention_blocks.py, forward + backward from the fused QKV output):
+  1.11x SDPA's CPU flash kernel at 256 tokens, 1.20-1.30x at 384-512, 1.01-1.07x at 768-1024, and 0.93-0.98x at
+  128-192, which keep SDPA. An earlier version of the kernel (blocks of 128, 0.95x flash alone at 256 tokens) made
+  the benchmark LM's whole training step 1.035-1.08x faster than flash in paired A/Bs; this one another 1.013-1.028x.
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def attention_mask(nq: int, nk: int, *, causal: bool, past: int = 0, key_mask: t
     return allowed
 
 
-CAUSAL_BLOCK = 128  # query rows per block of `BlockCausalAttention`
+CAUSAL_BLOCK = 64  # query rows per block of `BlockCausalAttention` up to CAUSAL_BLOCK_WIDE_FROM tokens; twice that
+CAUSAL_BLOCK_WIDE_FROM = 513  # from there (measured: blocks of 64 faster at 256 and 512 tokens, 128 at 768)
 CAUSAL_BLOCKS_LEN = (256, 768)  # sequence lengths at which CPU causal training takes it (SDPA outside)
 # rows (batch x tokens) from which inference folds the value bias into the output bias (`_folds_kv_bias`): the fold
 # is one small matrix-vector product per call, the bias it saves a pass over the (rows, 2 * kv dim) projection. At
@@ -142,9 +144,11 @@ class BlockCausalAttention(torch.autograd.Function):
 
     Rows are cut into blocks of `block` queries; block [s, e) needs keys [0, e) only, so its scores
     S = q[s:e] k[:e]^T * scale + M (M = -inf above the diagonal) take one batched matmul over every (batch, head)
-    pair, P = softmax(S) is kept for the backward, and y[s:e] = P v[:e]. At N = 2 * block this multiplies 3/4 of the
-    full score matrix, in matmuls large enough for the BLAS to run near its peak, where SDPA's CPU flash kernel
-    works on 32-64 row tiles. The backward is the softmax one, dS = P * (dP - rowsum(dP * P)) with dP = dy v^T:
+    pair, P = softmax(S) is kept for the backward, and y[s:e] = P v[:e]. With b blocks this multiplies (b + 1) / 2b
+    of the full score matrix (5/8 at 256 tokens in blocks of 64), in matmuls large enough for the BLAS to run near
+    its peak, where SDPA's CPU flash kernel computes the whole square in 32-64 row tiles and masks it. Every batched
+    matmul writes a fresh or a whole contiguous tensor: into a row slice ATen's bmm falls back to one matrix at a
+    time. The backward is the softmax one, dS = P * (dP - rowsum(dP * P)) with dP = dy v^T:
     dv += P^T dy, dq = dS k * scale, dk += dS^T q * scale, blocks taken last first so the last (all keys) writes
     dk and dv and the others add to their leading rows. Memory: the kept P is about N / (6 Dh) times the size of
     q, k, v together (what `CAUSAL_BLOCKS_LEN` bounds). tests/test_fast_paths.py checks values and gradients
@@ -156,12 +160,15 @@ class BlockCausalAttention(torch.autograd.Function):
         B, H, N, D = q.shape
         q3, k3, v3 = (t.reshape(B * H, N, D) for t in (q, k, v))  # one copy each: bmm takes one batch dim
         y = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)  # merged-heads layout, as the caller wants
-        mask = _causal_mask(N, q.dtype, q.device)
+        mask = _causal_mask(block, q.dtype, q.device)
         probs = []
         for s in range(0, N, block):
             e = min(s + block, N)
-            scores = torch.baddbmm(mask[s:e, :e], q3[:, s:e], k3[:, :e].transpose(1, 2),
+            # S = scale * q k^T (beta=0: the output is not read), then the mask on the diagonal square only: the
+            # keys before s are all visible (the same bits as adding a zero there)
+            scores = torch.baddbmm(q3.new_empty(B * H, e - s, e), q3[:, s:e], k3[:, :e].transpose(1, 2), beta=0,
                                    alpha=scale)  # (B*H, e - s, e)
+            scores[:, :, s:e] += mask[: e - s, : e - s]
             p = torch.softmax(scores, -1)
             y[:, s:e] = torch.bmm(p, v3[:, :e]).view(B, H, e - s, D).transpose(1, 2)
             probs.append(p)
@@ -176,8 +183,9 @@ class BlockCausalAttention(torch.autograd.Function):
         scale, block, H = ctx.scale, ctx.block, ctx.heads
         BH, N, D = q.shape
         dy = dy.reshape(BH, N, D)
-        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        starts = range(0, N, block)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dqs = []  # per block, fresh: a batched matmul into a row slice of dq (not contiguous) runs one matrix at a
+        starts = range(0, N, block)  # time (ATen's fallback), 0.9 ms more per layer here than this and one cat
         for s, p in zip(reversed(starts), reversed(probs)):
             e = min(s + block, N)
             dys = dy[:, s:e]
@@ -186,14 +194,22 @@ class BlockCausalAttention(torch.autograd.Function):
             else:
                 dv[:, :e] += torch.bmm(p.transpose(1, 2), dys)
             ds = torch._softmax_backward_data(torch.bmm(dys, v[:, :e].transpose(1, 2)), p, -1, q.dtype)
-            ds.mul_(scale)
-            torch.bmm(ds, k[:, :e], out=dq[:, s:e])
+            # dq = scale * dS k, dk = scale * dS^T q: the scale rides in the matmuls (beta=0: out not read)
+            dqs.append(torch.baddbmm(q.new_empty(BH, e - s, D), ds, k[:, :e], beta=0, alpha=scale))
             if e == N:
-                torch.bmm(ds.transpose(1, 2), q[:, s:e], out=dk)
+                torch.baddbmm(dk, ds.transpose(1, 2), q[:, s:e], beta=0, alpha=scale, out=dk)
             else:
-                dk[:, :e] += torch.bmm(ds.transpose(1, 2), q[:, s:e])
+                dk[:, :e] += torch.baddbmm(q.new_empty(BH, e, D), ds.transpose(1, 2), q[:, s:e], beta=0,
+                                           alpha=scale)
+        dq = torch.cat(dqs[::-1], 1) if len(dqs) > 1 else dqs[0]
         shape = (BH // H, H, N, D)
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None
+
+
+def causal_block(n: int) -> int:
+    """Query rows per block of `BlockCausalAttention` at n tokens: CAUSAL_BLOCK, twice that from
+    CAUSAL_BLOCK_WIDE_FROM (benchmarks/attention_blocks.py)."""
+    return CAUSAL_BLOCK * (2 if n >= CAUSAL_BLOCK_WIDE_FROM else 1)
 
 
 _MASKS: dict = {}
@@ -348,7 +364,7 @@ class SoftmaxAttention(nn.Module):
         elif mask is None and bias is None and (not needs_causal or (past == 0 and N == Nk)):
             # no mask tensor: nothing is masked, or a fresh causal block (is_causal)
             if needs_causal and _takes_causal_blocks(q, k, v, drop):
-                y = BlockCausalAttention.apply(q, k, v, self.scale, CAUSAL_BLOCK)
+                y = BlockCausalAttention.apply(q, k, v, self.scale, causal_block(N))
             else:
                 y = _sdpa(q, k, v, dropout_p=drop, is_causal=needs_causal, scale=self.scale)
             empty = None
