@@ -26,6 +26,7 @@ from formers.nn.attention import FOLD_MIN_ROWS, Affine, KVCache, SoftmaxAttentio
 from formers.nn.ffn import IN_PLACE_MIN, MLP, GeluLinear
 from formers.nn.hooks import _global_hooks, autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
 from formers.nn.norm import RMSNorm
+from formers.nn.position import RelativePosition
 from formers.registry import FormersError, _hint, build, get, register, split_spec
 
 # ---------------------------------------------------------------------------------------------------- residual
@@ -419,9 +420,18 @@ def block_plan(block: nn.Module, fold: bool = True, masked: bool = False) -> tup
     return norm_fn(norm), attn, ffn
 
 
-def lean_block(plan: tuple, x: torch.Tensor, masks: dict | None = None, cache: KVCache | None = None) -> torch.Tensor:
-    """The block of `plan` (block_plan) on x (B, N, D) -> (B, N, D), self-attention with no relative positions:
-    `Block.forward`'s inference ops (the attention's fused q/kv projections and SDPA, the output projection
+def lean_positions(positions: Any) -> bool:
+    """Whether lean blocks may take these relative `positions` (the stack's keyword): none, or an encoding that only
+    rotates q and k (rotary), whose `rotate` the lean attention calls as `SoftmaxAttention.forward_split` does. One
+    that adds a score bias (ALiBi, or a `bias` overridden or replaced) keeps the module path."""
+    return positions is None or (isinstance(positions, RelativePosition) and not positions.has_bias
+                                 and type(positions).bias is RelativePosition.bias and "bias" not in positions.__dict__)
+
+
+def lean_block(plan: tuple, x: torch.Tensor, masks: dict | None = None, cache: KVCache | None = None,
+               positions: RelativePosition | None = None) -> torch.Tensor:
+    """The block of `plan` (block_plan) on x (B, N, D) -> (B, N, D): `Block.forward`'s inference ops (the
+    attention's fused q/kv projections, rotary `positions` (`lean_positions`) and SDPA, the output projection
     accumulating into the residual, the feed-forward adding into that fresh sum). `masks` (`lean_masks`) where the
     stack has a key mask: {causal: (allowed, rows to zero or None)}, made once for every block. `cache`: one decoded
     token per row (N = 1, `LM.generate`'s `decode_step`), its keys and values appended, every cached key seen. The
@@ -429,19 +439,24 @@ def lean_block(plan: tuple, x: torch.Tensor, masks: dict | None = None, cache: K
     the feed-forward's buffers can reuse their memory: a first version that held them read 0.94-0.95x the module
     path in two A/Bs of an encoder at 32 x 128 tokens here, this one 0.98-1.01x."""
     norm1, attn, ffn = plan
-    x = add_matmul(x, _lean_attention(attn, norm1(x), masks, cache), attn[4], attn[5])
+    x = add_matmul(x, _lean_attention(attn, norm1(x), masks, cache, positions), attn[4], attn[5])
     if ffn is not None:  # x is fresh: the feed-forward adds into it
         norm2, ffn_add = ffn
         x = ffn_add(norm2(x), x)
     return x
 
 
-def _lean_attention(attn: tuple, h: torch.Tensor, masks: dict | None, cache: KVCache | None) -> torch.Tensor:
+def _lean_attention(attn: tuple, h: torch.Tensor, masks: dict | None, cache: KVCache | None,
+                    positions: RelativePosition | None = None) -> torch.Tensor:
     """Self-attention of the normed rows h (B, N, D) -> merged heads (B, N, H * Dh), before the output projection."""
     wq, bq, wkv, bkv, _, _, H, Hkv, Dh, scale, causal = attn
     B, N, _ = h.shape
     q = F.linear(h, wq, bq).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
     k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, Dh) each
+    if positions is not None:  # rotary: query and key i sit at position past + i, as in forward_split
+        past = cache.length if cache is not None else 0
+        pos = torch.arange(past, past + N, device=h.device)
+        q, k = positions.rotate(q, k, pos, pos)
     if cache is not None:  # (B, Hkv, L, Dh): the one query sees every cached key, no mask (N = 1: not causal below)
         k, v = cache.update(k, v)
     if masks is None:  # through the module, so that a patch of attention._sdpa applies here too
@@ -547,7 +562,7 @@ class PlainStack(Stack):
         masks = lean_masks(kw["mask"], x, plans) if plans and kw.get("mask") is not None else None
         for i, block in enumerate(self.blocks):
             if plans and plans[i] is not None:
-                x = lean_block(plans[i], x, masks)
+                x = lean_block(plans[i], x, masks, positions=kw.get("positions"))
             else:
                 x = self.run(block, x, cache=None if cache is None else cache[i], **kw)
         return x
@@ -556,14 +571,17 @@ class PlainStack(Stack):
         """`block_plan` of each block (None for those that run as modules), or None where no block may run lean:
         autograd on, autocast, torch.compile tracing (it sees the modules), global module hooks, `run` overridden
         or replaced on the instance, a method of the classes a plan stands in for patched on the class (to read
-        attention maps, say), or any keyword but a key mask of shape (B, N) (positions, a cache, packed seqlens)."""
-        mask = kw.pop("mask", None)
-        if (any(v is not None for v in kw.values()) or torch.is_grad_enabled() or autocast_on(x.device.type)
+        attention maps, say), or any keyword but a key mask of shape (B, N) and rotary positions (`lean_positions`;
+        not ALiBi, a cache or packed seqlens)."""
+        mask, positions = kw.pop("mask", None), kw.pop("positions", None)
+        if (any(v is not None for v in kw.values()) or not lean_positions(positions) or torch.is_grad_enabled()
+                or autocast_on(x.device.type)
                 or type(self).run is not Stack.run or "run" in self.__dict__ or torch.compiler.is_compiling()
                 or _global_hooks() or not _classes_unpatched()
                 or (mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != x.shape[:2]))):
             return None  # (a mask of another shape: the module path says what is wrong with it)
-        fold = mask is None and x.shape[0] * x.shape[1] >= FOLD_MIN_ROWS  # as SoftmaxAttention.forward_split
+        fold = (mask is None and positions is None  # as SoftmaxAttention.forward_split (`_folds_kv_bias`)
+                and x.shape[0] * x.shape[1] >= FOLD_MIN_ROWS)
         return [block_plan(b, fold, masked=mask is not None) for b in blocks]
 
     def prefix_ok(self) -> bool:

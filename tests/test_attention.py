@@ -177,6 +177,33 @@ def test_rope_partial_rotary_leaves_tail_untouched():
     assert torch.equal(qr[..., 8:], q[..., 8:]) and not torch.allclose(qr[..., :8], q[..., :8])
 
 
+@pytest.mark.parametrize("fraction,dtype", [(1.0, torch.float32), (0.5, torch.float64)])
+def test_rope_equals_the_formula_with_shared_and_separate_positions(fraction, dtype):
+    """q and k rotated at one positions tensor (the angles computed once for both, the inverse frequencies kept from
+    the first call) equal the RoFormer formula written here, and equal the rotation at an equal but separate
+    tensor, to the bit; GQA-shaped k (fewer heads) too."""
+    rope = formers.build("position", "rope", dim=32, fraction=fraction)
+    torch.manual_seed(0)
+    q, k = torch.randn(2, 4, 7, 16, dtype=dtype), torch.randn(2, 2, 7, 16, dtype=dtype)
+    pos = torch.arange(5, 12)
+
+    def formula(x):
+        rd = int(16 * fraction) // 2 * 2
+        i = torch.arange(rd // 2, dtype=torch.float64)
+        ang = pos.double()[:, None] * 10000.0 ** (-2 * i / rd)
+        cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        x1, x2, tail = x[..., : rd // 2], x[..., rd // 2: rd], x[..., rd:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, tail], -1)
+
+    for _ in range(2):  # the second call takes the kept inverse frequencies
+        qs, ks = rope.rotate(q, k, pos, pos)
+        qa, ka = rope.rotate(q, k, pos, pos.clone())
+        assert torch.equal(qs, qa) and torch.equal(ks, ka)
+        tol = 1e-6 if dtype == torch.float32 else 1e-12
+        torch.testing.assert_close(qs, formula(q), atol=tol, rtol=tol)
+        torch.testing.assert_close(ks, formula(k), atol=tol, rtol=tol)
+
+
 def test_alibi_slopes_as_in_paper():
     # Press et al. (ALiBi), Sec. 3: for 8 heads the slopes are 1/2^1 ... 1/2^8; for 16 heads 1/2^0.5 ... 1/2^8.
     torch.testing.assert_close(alibi_slopes(8), torch.tensor([2.0 ** -i for i in range(1, 9)]))

@@ -426,6 +426,9 @@ LEAN_CONFIGS = {
                               "ffn": {"name": "glu"}}},
     "crms_relu_no_ffn_last": {"block": {"norm": "crmsnorm", "ffn": {"name": "mlp", "act": "relu"}},
                               "layers": {"1": {"ffn": "none"}}},
+    "rope": {"position": "rope"},
+    "rope_partial_gqa_bias": {"position": {"name": "rope", "fraction": 0.5},
+                              "block": {"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2, "bias": True}}},
 }
 
 
@@ -472,16 +475,16 @@ def test_generate_takes_the_lean_step_and_equals_uncached(monkeypatch):
     assert torch.equal(a, model.generate(prompt, 24, greedy=True, use_cache=False))
 
 
-@pytest.mark.parametrize("why", ["rope", "hook", "looped", "post", "explicit", "lns", "gru_gate", "train",
+@pytest.mark.parametrize("why", ["alibi", "hook", "looped", "post", "explicit", "lns", "gru_gate", "train",
                                  "out_subclass", "embed_subclass", "patched_forward", "class_patch"])
 def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
-    """Relative positions, a hook anywhere, a looped stack, Post-LN / LNS placements, an explicit-score mixer, a
-    gated residual, an adapted (subclassed) output projection or embedding, or a forward replaced on an instance
-    keep the module path (and cached generation still equals the uncached one)."""
+    """Relative positions with a score bias (ALiBi), a hook anywhere, a looped stack, Post-LN / LNS placements, an
+    explicit-score mixer, a gated residual, an adapted (subclassed) output projection or embedding, or a forward
+    replaced on an instance keep the module path (and cached generation still equals the uncached one)."""
     from formers.models import lm
 
     block = {"mixer": {"name": "softmax", "heads": 4}}
-    kw = {"rope": {"position": "rope"}, "looped": {"stack": {"name": "looped", "pre": 1, "loops": 2}},
+    kw = {"alibi": {"position": "alibi"}, "looped": {"stack": {"name": "looped", "pre": 1, "loops": 2}},
           "post": {"block": {**block, "placement": "post"}},
           "explicit": {"block": {"mixer": {"name": "softmax", "heads": 4, "explicit": True}}},
           "lns": {"block": {**block, "placement": "lns"}},
@@ -1207,7 +1210,8 @@ def _count_lean(monkeypatch) -> list:
 
     calls = []
     real = blocks.lean_block
-    monkeypatch.setattr(blocks, "lean_block", lambda p, x, masks=None: calls.append(x.shape) or real(p, x, masks))
+    monkeypatch.setattr(blocks, "lean_block", lambda p, x, masks=None, **k: calls.append(x.shape) or
+                        real(p, x, masks, **k))
     return calls
 
 
@@ -1242,6 +1246,13 @@ LEAN_MODELS = {  # name: (model, input, blocks that run lean)
                           lambda: (torch.randint(0, 50, (4, 30)), _key_mask([30, 1, 17, 0])), 3),
     "encoder_mask_cls": (lambda: _encoder(), lambda: (torch.randint(0, 50, (3, 20)), _key_mask([20, 3, 11])), 2),
     "lm_mask": (lambda: _lm(), lambda: (torch.randint(0, 40, (3, 12)), _key_mask([12, 5, 1])), 3),
+    # rotary positions (the value bias not folded: rows >= FOLD_MIN_ROWS), partial rotary with GQA, and with a mask
+    "lm_rope_bias": (lambda: _lm(position="rope", block={"mixer": {"name": "softmax", "heads": 4, "bias": True}}),
+                     lambda: torch.randint(0, 40, (3, 30)), 3),
+    "lm_rope_partial_gqa": (lambda: _lm(position={"name": "rope", "fraction": 0.5},
+                                        block={"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2}}),
+                            lambda: torch.randint(0, 40, (2, 9)), 3),
+    "lm_rope_mask": (lambda: _lm(position="rope"), lambda: (torch.randint(0, 40, (3, 12)), _key_mask([12, 5, 1])), 3),
 }
 
 
@@ -1294,17 +1305,18 @@ def test_lean_vit_equals_the_naive_vit_and_leaves_its_input_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("why", ["grad", "train", "dropout_training", "hook", "global_hook", "patched_forward",
-                                 "output_mod", "out_subclass", "moe_mask", "rope", "autocast", "post", "lns",
+                                 "output_mod", "out_subclass", "moe_mask", "alibi", "rope_bias", "autocast",
+                                 "post", "lns",
                                  "stack_run", "run_on_instance", "split_on_instance", "class_patch"])
 def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
     """Autograd, training mode (the whole model or one dropout), a hook on a module or a global one, a forward or
     `output_mod` replaced on an instance, an adapted output projection, a key mask with an MoE feed-forward (which
-    takes it), relative positions, autocast,
+    takes it), relative positions with a score bias (ALiBi, or a rotary encoding given a bias), autocast,
     Post-LN / LNS placements, a stack with its own `run` (in its class or on the instance) or a method patched on a
     class keep the affected blocks on the module path, and the output is the module path's (hooks fire, replacements
     run). An MLP whose `forward_split` is replaced on the instance stays lean but is called, as the module path
     calls it."""
-    kw = {"rope": {"position": "rope"}, "post": {"block": {"placement": "post"}},
+    kw = {"alibi": {"position": "alibi"}, "rope_bias": {"position": "rope"}, "post": {"block": {"placement": "post"}},
           "lns": {"block": {"placement": "lns"}}}.get(why, {})
     if why == "moe_mask":  # MoE capacity takes the key mask, which the module path hands it
         kw = {"block": {"mixer": {"name": "softmax", "heads": 4}, "ffn": {"name": "moe", "experts": 4}}}
@@ -1333,6 +1345,8 @@ def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
     elif why == "output_mod":
         blk.attn.fn.output_mod = lambda y, x: y * 0.5
         expect = 2
+    elif why == "rope_bias":  # a score bias given to a rotary encoding on the instance: the module path adds it
+        m.position.bias = lambda qp, kp, heads: -0.1 * (qp[:, None] - kp[None, :]).abs().float().expand(heads, -1, -1)
     elif why == "out_subclass":
         class Adapted(torch.nn.Linear):
             def forward(self, x):

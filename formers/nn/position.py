@@ -95,23 +95,37 @@ class RotaryPosition(RelativePosition):
         if not 0.0 < fraction <= 1.0:
             raise FormersError(f"position.fraction must be in (0, 1], got {fraction}")
         self.base, self.fraction = base, fraction
+        self._inv: dict = {}  # (rotated dims, float type, device) -> inverse frequencies (rd/2,), made once
 
-    def _rot(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        dh = x.shape[-1]
-        rd = int(dh * self.fraction) // 2 * 2
+    def _angles(self, pos: torch.Tensor, rd: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin (N, rd/2) of the angles p * base^(-2i/rd), in `dtype` (the angles at least in fp32)."""
+        ft = torch.float64 if dtype == torch.float64 else torch.float32
+        key = (rd, ft, pos.device)
+        inv = self._inv.get(key)
+        if inv is None:
+            inv = self._inv[key] = self.base ** (-torch.arange(0, rd, 2, device=pos.device, dtype=ft) / rd)
+        ang = pos.to(ft)[:, None] * inv  # (N, rd/2)
+        return ang.cos().to(dtype), ang.sin().to(dtype)
+
+    def _rotary_dims(self, x: torch.Tensor) -> int:
+        return int(x.shape[-1] * self.fraction) // 2 * 2
+
+    def _rot(self, x: torch.Tensor, pos: torch.Tensor, angles: tuple | None = None) -> torch.Tensor:
+        rd = self._rotary_dims(x)
         if rd == 0:
             return x
-        ft = torch.float64 if x.dtype == torch.float64 else torch.float32  # angles at least in fp32
-        inv = self.base ** (-torch.arange(0, rd, 2, device=x.device, dtype=ft) / rd)  # (rd/2,)
-        ang = pos.to(ft)[:, None] * inv  # (N, rd/2)
-        cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+        cos, sin = angles if angles is not None else self._angles(pos, rd, x.dtype)
         xr, xp = x[..., :rd], x[..., rd:]
         x1, x2 = xr[..., : rd // 2], xr[..., rd // 2:]
         rotated = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
         return torch.cat([rotated, xp], dim=-1) if xp.shape[-1] else rotated
 
     def rotate(self, q, k, q_pos, k_pos):
-        return self._rot(q, q_pos), self._rot(k, k_pos)
+        rd = self._rotary_dims(q)
+        if rd == 0 or k_pos is not q_pos or rd != self._rotary_dims(k) or q.dtype != k.dtype:
+            return self._rot(q, q_pos), self._rot(k, k_pos)
+        angles = self._angles(q_pos, rd, q.dtype)  # the same positions (self-attention): one set of angles
+        return self._rot(q, q_pos, angles), self._rot(k, k_pos, angles)
 
 
 def alibi_slopes(heads: int) -> torch.Tensor:
