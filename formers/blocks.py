@@ -26,7 +26,6 @@ from formers.nn.attention import FOLD_MIN_ROWS, Affine, KVCache, SoftmaxAttentio
 from formers.nn.ffn import IN_PLACE_MIN, MLP, GeluLinear
 from formers.nn.hooks import _global_hooks, autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
 from formers.nn.norm import RMSNorm
-from formers.nn.position import RelativePosition
 from formers.registry import FormersError, _hint, build, get, register, split_spec
 
 # ---------------------------------------------------------------------------------------------------- residual
@@ -420,18 +419,10 @@ def block_plan(block: nn.Module, fold: bool = True, masked: bool = False) -> tup
     return norm_fn(norm), attn, ffn
 
 
-def lean_positions(positions: Any) -> bool:
-    """Whether lean blocks may take these relative `positions` (the stack's keyword): none, or an encoding that only
-    rotates q and k (rotary), whose `rotate` the lean attention calls as `SoftmaxAttention.forward_split` does. One
-    that adds a score bias (ALiBi, or a `bias` overridden or replaced) keeps the module path."""
-    return positions is None or (isinstance(positions, RelativePosition) and not positions.has_bias
-                                 and type(positions).bias is RelativePosition.bias and "bias" not in positions.__dict__)
-
-
 def lean_block(plan: tuple, x: torch.Tensor, masks: dict | None = None, cache: KVCache | None = None,
-               positions: RelativePosition | None = None) -> torch.Tensor:
+               positions: Any = None) -> torch.Tensor:
     """The block of `plan` (block_plan) on x (B, N, D) -> (B, N, D): `Block.forward`'s inference ops (the
-    attention's fused q/kv projections, rotary `positions` (`lean_positions`) and SDPA, the output projection
+    attention's fused q/kv projections, relative `positions` (rotation, score bias) and SDPA, the output projection
     accumulating into the residual, the feed-forward adding into that fresh sum). `masks` (`lean_masks`) where the
     stack has a key mask: {causal: (allowed, rows to zero or None)}, made once for every block. `cache`: one decoded
     token per row (N = 1, `LM.generate`'s `decode_step`), its keys and values appended, every cached key seen. The
@@ -447,25 +438,36 @@ def lean_block(plan: tuple, x: torch.Tensor, masks: dict | None = None, cache: K
 
 
 def _lean_attention(attn: tuple, h: torch.Tensor, masks: dict | None, cache: KVCache | None,
-                    positions: RelativePosition | None = None) -> torch.Tensor:
-    """Self-attention of the normed rows h (B, N, D) -> merged heads (B, N, H * Dh), before the output projection."""
+                    positions: Any = None) -> torch.Tensor:
+    """Self-attention of the normed rows h (B, N, D) -> merged heads (B, N, H * Dh), before the output projection,
+    with SoftmaxAttention.forward_split's inference ops: relative `positions` rotate q and k (rotary) and may give a
+    score bias (ALiBi), both called as that method calls them."""
     wq, bq, wkv, bkv, _, _, H, Hkv, Dh, scale, causal = attn
     B, N, _ = h.shape
     q = F.linear(h, wq, bq).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
     k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, Dh) each
-    if positions is not None:  # rotary: query and key i sit at position past + i, as in forward_split
-        past = cache.length if cache is not None else 0
+    past, bias = cache.length if cache is not None else 0, None
+    if positions is not None:  # query i sits at position past + i and sees keys 0..past + i
         pos = torch.arange(past, past + N, device=h.device)
         q, k = positions.rotate(q, k, pos, pos)
+        bias = positions.bias(pos, torch.arange(past + N, device=h.device), H)  # (H, N, past + N) or None
     if cache is not None:  # (B, Hkv, L, Dh): the one query sees every cached key, no mask (N = 1: not causal below)
         k, v = cache.update(k, v)
-    if masks is None:  # through the module, so that a patch of attention._sdpa applies here too
-        y = attention._sdpa(q, k, v, dropout_p=0.0, is_causal=causal and N > 1, scale=scale)
-    else:  # as SoftmaxAttention.forward_split with a key mask
-        allowed, empty = masks[causal and N > 1]
-        y = attention._sdpa(q, k, v, attn_mask=allowed, dropout_p=0.0, scale=scale)
-        if empty is not None:
-            y = y.masked_fill(empty, 0.0)
+    causal = causal and N > 1  # a decoded token (N = 1, after the cached keys) sees every key
+    if masks is None and bias is None:  # through the module, so that a patch of attention._sdpa applies here too
+        return attention._sdpa(q, k, v, dropout_p=0.0, is_causal=causal, scale=scale).transpose(1, 2).reshape(
+            B, N, H * Dh)
+    # as forward_split with a key mask (made once for the stack, `lean_masks`) or a score bias
+    allowed, empty = masks[causal] if masks is not None else SoftmaxAttention._allowed(N, k.shape[2], causal, past,
+                                                                                         None, h.device)
+    attn_mask = allowed
+    if bias is not None:
+        attn_mask = bias.to(q.dtype)[None]
+        if allowed is not None:
+            attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
+    y = attention._sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.0, scale=scale)
+    if empty is not None:
+        y = y.masked_fill(empty, 0.0)
     return y.transpose(1, 2).reshape(B, N, H * Dh)
 
 
@@ -571,11 +573,10 @@ class PlainStack(Stack):
         """`block_plan` of each block (None for those that run as modules), or None where no block may run lean:
         autograd on, autocast, torch.compile tracing (it sees the modules), global module hooks, `run` overridden
         or replaced on the instance, a method of the classes a plan stands in for patched on the class (to read
-        attention maps, say), or any keyword but a key mask of shape (B, N) and rotary positions (`lean_positions`;
-        not ALiBi, a cache or packed seqlens)."""
+        attention maps, say), or any keyword but a key mask of shape (B, N) and relative positions (a cache or packed
+        seqlens)."""
         mask, positions = kw.pop("mask", None), kw.pop("positions", None)
-        if (any(v is not None for v in kw.values()) or not lean_positions(positions) or torch.is_grad_enabled()
-                or autocast_on(x.device.type)
+        if (any(v is not None for v in kw.values()) or torch.is_grad_enabled() or autocast_on(x.device.type)
                 or type(self).run is not Stack.run or "run" in self.__dict__ or torch.compiler.is_compiling()
                 or _global_hooks() or not _classes_unpatched()
                 or (mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != x.shape[:2]))):

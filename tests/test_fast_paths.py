@@ -429,6 +429,7 @@ LEAN_CONFIGS = {
     "rope": {"position": "rope"},
     "rope_partial_gqa_bias": {"position": {"name": "rope", "fraction": 0.5},
                               "block": {"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2, "bias": True}}},
+    "alibi_gqa": {"position": "alibi", "block": {"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2}}},
 }
 
 
@@ -475,16 +476,16 @@ def test_generate_takes_the_lean_step_and_equals_uncached(monkeypatch):
     assert torch.equal(a, model.generate(prompt, 24, greedy=True, use_cache=False))
 
 
-@pytest.mark.parametrize("why", ["alibi", "hook", "looped", "post", "explicit", "lns", "gru_gate", "train",
+@pytest.mark.parametrize("why", ["hook", "looped", "post", "explicit", "lns", "gru_gate", "train",
                                  "out_subclass", "embed_subclass", "patched_forward", "class_patch"])
 def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
-    """Relative positions with a score bias (ALiBi), a hook anywhere, a looped stack, Post-LN / LNS placements, an
-    explicit-score mixer, a gated residual, an adapted (subclassed) output projection or embedding, or a forward
-    replaced on an instance keep the module path (and cached generation still equals the uncached one)."""
+    """A hook anywhere, a looped stack, Post-LN / LNS placements, an explicit-score mixer, a gated residual, an
+    adapted (subclassed) output projection or embedding, or a forward replaced on an instance keep the module path
+    (and cached generation still equals the uncached one)."""
     from formers.models import lm
 
     block = {"mixer": {"name": "softmax", "heads": 4}}
-    kw = {"alibi": {"position": "alibi"}, "looped": {"stack": {"name": "looped", "pre": 1, "loops": 2}},
+    kw = {"looped": {"stack": {"name": "looped", "pre": 1, "loops": 2}},
           "post": {"block": {**block, "placement": "post"}},
           "explicit": {"block": {"mixer": {"name": "softmax", "heads": 4, "explicit": True}}},
           "lns": {"block": {**block, "placement": "lns"}},
@@ -1227,6 +1228,7 @@ def _lm(**kw):
 LEAN_MODELS = {  # name: (model, input, blocks that run lean)
     "vit_token": (lambda: _vit(), lambda: torch.randn(3, 3, 16, 16), 1),  # the last block: class-token row only
     "vit_avg": (lambda: _vit(global_pool="avg"), lambda: torch.randn(3, 3, 16, 16), 2),
+    "vit_rope_2d": (lambda: _vit(pos_embed="rope"), lambda: torch.randn(3, 3, 16, 16), 2),  # axial rotary (GridRotary)
     "encoder_bias_gqa": (lambda: _encoder(pool="mean", block={"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2,
                                                                           "bias": True}}),
                          lambda: torch.randint(0, 50, (3, 30)), 3),  # 93 rows: the value bias folded
@@ -1253,6 +1255,13 @@ LEAN_MODELS = {  # name: (model, input, blocks that run lean)
                                         block={"mixer": {"name": "softmax", "heads": 4, "kv_heads": 2}}),
                             lambda: torch.randint(0, 40, (2, 9)), 3),
     "lm_rope_mask": (lambda: _lm(position="rope"), lambda: (torch.randint(0, 40, (3, 12)), _key_mask([12, 5, 1])), 3),
+    # ALiBi's score bias: causal, with a key mask, and bidirectional (an encoder, 6 heads: not a power of two)
+    "lm_alibi": (lambda: _lm(position="alibi"), lambda: torch.randint(0, 40, (2, 9)), 3),
+    "lm_alibi_mask": (lambda: _lm(position="alibi"), lambda: (torch.randint(0, 40, (3, 12)), _key_mask([12, 5, 1])),
+                      3),
+    "encoder_alibi_mask": (lambda: _encoder(pool="mean", position="alibi",
+                                            block={"mixer": {"name": "softmax", "heads": 6, "head_dim": 4}}),
+                           lambda: (torch.randint(0, 50, (3, 20)), _key_mask([20, 0, 7])), 3),
 }
 
 
@@ -1305,19 +1314,17 @@ def test_lean_vit_equals_the_naive_vit_and_leaves_its_input_alone(monkeypatch):
 
 
 @pytest.mark.parametrize("why", ["grad", "train", "dropout_training", "hook", "global_hook", "patched_forward",
-                                 "output_mod", "out_subclass", "moe_mask", "alibi", "rope_bias", "autocast",
-                                 "post", "lns",
+                                 "output_mod", "out_subclass", "moe_mask", "autocast", "post", "lns",
                                  "stack_run", "run_on_instance", "split_on_instance", "class_patch"])
 def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
     """Autograd, training mode (the whole model or one dropout), a hook on a module or a global one, a forward or
     `output_mod` replaced on an instance, an adapted output projection, a key mask with an MoE feed-forward (which
-    takes it), relative positions with a score bias (ALiBi, or a rotary encoding given a bias), autocast,
+    takes it), autocast,
     Post-LN / LNS placements, a stack with its own `run` (in its class or on the instance) or a method patched on a
     class keep the affected blocks on the module path, and the output is the module path's (hooks fire, replacements
     run). An MLP whose `forward_split` is replaced on the instance stays lean but is called, as the module path
     calls it."""
-    kw = {"alibi": {"position": "alibi"}, "rope_bias": {"position": "rope"}, "post": {"block": {"placement": "post"}},
-          "lns": {"block": {"placement": "lns"}}}.get(why, {})
+    kw = {"post": {"block": {"placement": "post"}}, "lns": {"block": {"placement": "lns"}}}.get(why, {})
     if why == "moe_mask":  # MoE capacity takes the key mask, which the module path hands it
         kw = {"block": {"mixer": {"name": "softmax", "heads": 4}, "ffn": {"name": "moe", "experts": 4}}}
     m = _encoder(pool="mean", **kw) if why == "moe_mask" else _lm(**kw)
@@ -1345,8 +1352,6 @@ def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
     elif why == "output_mod":
         blk.attn.fn.output_mod = lambda y, x: y * 0.5
         expect = 2
-    elif why == "rope_bias":  # a score bias given to a rotary encoding on the instance: the module path adds it
-        m.position.bias = lambda qp, kp, heads: -0.1 * (qp[:, None] - kp[None, :]).abs().float().expand(heads, -1, -1)
     elif why == "out_subclass":
         class Adapted(torch.nn.Linear):
             def forward(self, x):
@@ -1400,6 +1405,34 @@ def test_lean_blocks_are_off_where_they_would_differ(why, monkeypatch):
         assert len(seen) == 2 * 3  # three blocks, two forwards
     if why == "split_on_instance":
         assert seen == [1, 1]
+
+
+@pytest.mark.parametrize("replaced", ["rotate", "bias"])
+def test_lean_blocks_call_the_positions_as_the_attention_does(replaced, monkeypatch):
+    """Relative positions are called, not copied: a rotary encoding whose `rotate` or `bias` is replaced on the
+    instance runs lean with the replacement (called once per block, as the module path calls it), to the bit; and
+    so does generation's decode step."""
+    from formers.models import lm
+
+    m = _lm(position="rope")
+    seen = []
+    pos = m.position
+    if replaced == "rotate":
+        real = pos.rotate
+        pos.rotate = lambda q, k, qp, kp: seen.append(1) or tuple(t * 0.5 for t in real(q, k, qp, kp))
+    else:
+        pos.bias = lambda qp, kp, heads: seen.append(1) or -0.1 * (qp[:, None] - kp[None, :]).abs().float().expand(
+            heads, -1, -1)
+    calls = _count_lean(monkeypatch)
+    x = torch.randint(0, 40, (2, 9))
+    with torch.no_grad():
+        y = m(x)
+        with _lean_off():
+            ref = m(x)
+    assert len(calls) == 3 and len(seen) == 6 and torch.equal(y, ref)
+    assert lm.decode_plan(m) is not None
+    prompt = torch.randint(0, 40, (2, 5))
+    assert torch.equal(m.generate(prompt, 8, greedy=True), m.generate(prompt, 8, greedy=True, use_cache=False))
 
 
 @pytest.mark.parametrize("act", ["gelu", "relu"])  # the inlined MLP; through forward_split

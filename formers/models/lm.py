@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.blocks import PlainStack, _classes_unpatched, block_plan, lean_block, lean_positions
+from formers.blocks import PlainStack, _classes_unpatched, block_plan, lean_block
 from formers.models.base import SequenceModel
 from formers.nn.attention import KVCache
 from formers.nn.hooks import clear_aux, forward_unpatched, hook_free
@@ -152,18 +152,19 @@ class LM(SequenceModel):
 # every block's weights once per `generate` call (`block_plan`, as the stack's lean inference in formers/blocks.py)
 # and `decode_step` runs the same ATen ops as the modules would, in the same order, without the module machinery.
 # Parts it does not know (another norm, feed-forward or activation) are still called as modules, so every such block
-# qualifies. Rotary positions are applied as the attention applies them; ALiBi's score bias keeps the modules.
+# qualifies, with relative positions (rotary, ALiBi) applied as the attention applies them.
 # tests/test_fast_paths.py checks it against the module path and against generation without a cache.
 
 
 def decode_plan(model: LM) -> list[tuple] | None:
     """Per block (norm, attention weights, norm, feed-forward) for `decode_step`, or None where any block, the
     stack or the model is not the standard kind, a module is in training mode, has a hook or a `forward` replaced on
-    the instance, a module whose weights are read directly (embedding, q, kv, out, inlined norms and MLPs) is a
-    subclass, or the relative positions add a score bias (`lean_positions`; then generation calls the modules)."""
+    the instance, or a module whose weights are read directly (embedding, q, kv, out, inlined norms and MLPs) is a
+    subclass (then generation calls the modules). Relative positions (rotary, ALiBi) are applied as the attention
+    applies them."""
     cls, mods = type(model), list(model.modules())
     if (any(m.training for m in mods) or type(model.stack) is not PlainStack or type(model.embed) is not nn.Embedding
-            or not lean_positions(model._relative_positions()) or not hook_free(*mods) or not forward_unpatched(*mods)
+            or not hook_free(*mods) or not forward_unpatched(*mods)
             or cls.forward is not LM.forward
             or cls.forward_head is not LM.forward_head  # a subclass's own forward would not be replayed
             or cls.forward_features is not SequenceModel.forward_features or not _classes_unpatched()):
@@ -184,7 +185,7 @@ def decode_step(model: LM, plan: list[tuple], idx: torch.Tensor, cache: list[KVC
     x = F.embedding(idx, model.embed.weight)  # (B, 1, D)
     if getattr(model.position, "kind", "") == "absolute":
         x = model.position(x, cache[0].length)
-    positions = model._relative_positions()  # rotary or none (decode_plan)
+    positions = model._relative_positions()  # rotary, ALiBi or none
     for p, c in zip(plan, cache):
         x = lean_block(p, x, cache=c, positions=positions)  # the block's inference ops, its keys and values cached
     return model.forward_head(model.norm(x))[:, -1]
