@@ -7,9 +7,9 @@ runs it: q, k, v are views of one fused QKV projection output (B, N, 3 H Dh), th
 (B, N, H Dh), and the gradient reaches the QKV output. The two sides alternate in every repetition (the order flips
 each time) in one process; the JSON keeps the median time of each and the median of the paired ratios. Both sides
 are first checked equal (outputs and gradients, 1e-4). `CAUSAL_BLOCKS_LEN` in formers/nn/attention.py, the lengths
-at which training takes the block kernel, starts at 256: below that the kernel alone is slower than SDPA (0.93-0.98x
-at 128-192 tokens), so shorter sequences keep SDPA. Each shape runs with the block size training takes there
-(`causal_block`), or `--block`. Run it on an idle machine.
+at which training takes the block kernel, starts at 256: below that the kernel alone is not clearly faster than SDPA
+(0.93-0.98x at 128-192 tokens in one run, 1.02-1.03x in another), so shorter sequences keep SDPA. Each shape runs
+with the block size training takes there (`causal_block`), or `--block`. Run it on an idle machine.
 """
 
 from __future__ import annotations

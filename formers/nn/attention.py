@@ -15,9 +15,10 @@ each against the plain computation):
 - causal training on a CPU at lengths CAUSAL_BLOCKS_LEN: `BlockCausalAttention`, the scores in row blocks of
   `causal_block` queries, each block only against the keys it may see, with batched matmuls. Measured on a 2-core
   Xeon VM, the attention alone (benchmarks/attention_blocks.py, forward + backward from the fused QKV output):
-  1.11x SDPA's CPU flash kernel at 256 tokens, 1.20-1.30x at 384-512, 1.01-1.07x at 768-1024, and 0.93-0.98x at
-  128-192, which keep SDPA. An earlier version of the kernel (blocks of 128, 0.95x flash alone at 256 tokens) made
-  the benchmark LM's whole training step 1.035-1.08x faster than flash in paired A/Bs; this one another 1.013-1.028x.
+  1.09-1.11x SDPA's CPU flash kernel at 256 tokens, 1.15-1.30x at 384-512, 1.01-1.09x at 768-1024 in two runs; at
+  128-192 0.93-0.98x in one and 1.02-1.03x in the other, not a clear gain, so those keep SDPA. An earlier version
+  of the kernel (blocks of 128, 0.95x flash alone at 256 tokens) made the benchmark LM's whole training step
+  1.035-1.08x faster than flash in paired A/Bs; this one another 1.013-1.028x.
 """
 
 from __future__ import annotations
