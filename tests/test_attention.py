@@ -179,9 +179,9 @@ def test_rope_partial_rotary_leaves_tail_untouched():
 
 @pytest.mark.parametrize("fraction,dtype", [(1.0, torch.float32), (0.5, torch.float64)])
 def test_rope_equals_the_formula_with_shared_and_separate_positions(fraction, dtype):
-    """q and k rotated at one positions tensor (the angles computed once for both, the inverse frequencies kept from
-    the first call) equal the RoFormer formula written here, and equal the rotation at an equal but separate
-    tensor, to the bit; GQA-shaped k (fewer heads) too."""
+    """q and k rotated at one positions tensor (the angles computed once for both) equal the RoFormer formula
+    written here, and equal the rotation at an equal but separate tensor, to the bit; GQA-shaped k (fewer heads)
+    too; a later change of `base` takes effect."""
     rope = formers.build("position", "rope", dim=32, fraction=fraction)
     torch.manual_seed(0)
     q, k = torch.randn(2, 4, 7, 16, dtype=dtype), torch.randn(2, 2, 7, 16, dtype=dtype)
@@ -190,12 +190,13 @@ def test_rope_equals_the_formula_with_shared_and_separate_positions(fraction, dt
     def formula(x):
         rd = int(16 * fraction) // 2 * 2
         i = torch.arange(rd // 2, dtype=torch.float64)
-        ang = pos.double()[:, None] * 10000.0 ** (-2 * i / rd)
+        ang = pos.double()[:, None] * rope.base ** (-2 * i / rd)
         cos, sin = ang.cos().to(dtype), ang.sin().to(dtype)
         x1, x2, tail = x[..., : rd // 2], x[..., rd // 2: rd], x[..., rd:]
         return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, tail], -1)
 
-    for _ in range(2):  # the second call takes the kept inverse frequencies
+    for base in (10000.0, 500000.0):  # a longer context's base, set on the module after a first call
+        rope.base = base
         qs, ks = rope.rotate(q, k, pos, pos)
         qa, ka = rope.rotate(q, k, pos, pos.clone())
         assert torch.equal(qs, qa) and torch.equal(ks, ka)

@@ -95,15 +95,12 @@ class RotaryPosition(RelativePosition):
         if not 0.0 < fraction <= 1.0:
             raise FormersError(f"position.fraction must be in (0, 1], got {fraction}")
         self.base, self.fraction = base, fraction
-        self._inv: dict = {}  # (rotated dims, float type, device) -> inverse frequencies (rd/2,), made once
 
     def _angles(self, pos: torch.Tensor, rd: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin (N, rd/2) of the angles p * base^(-2i/rd), in `dtype` (the angles at least in fp32)."""
+        """cos and sin (N, rd/2) of the angles p * base^(-2i/rd), in `dtype` (the angles at least in fp32). Nothing
+        is cached: a tensor kept from one call could be an inference or fake tensor, or outlive a change of `base`."""
         ft = torch.float64 if dtype == torch.float64 else torch.float32
-        key = (rd, ft, pos.device)
-        inv = self._inv.get(key)
-        if inv is None:
-            inv = self._inv[key] = self.base ** (-torch.arange(0, rd, 2, device=pos.device, dtype=ft) / rd)
+        inv = self.base ** (-torch.arange(0, rd, 2, device=pos.device, dtype=ft) / rd)  # (rd/2,)
         ang = pos.to(ft)[:, None] * inv  # (N, rd/2)
         return ang.cos().to(dtype), ang.sin().to(dtype)
 
