@@ -271,6 +271,22 @@ def test_table_says_met_from_the_unrounded_ratio():
     assert ">= 1.1x, met" in line
 
 
+def test_table_says_which_side_page_faulted():
+    """A target cell names the side that took FAULT_NOTE or more page faults per call than the other; a smaller
+    difference, or no fault counts, adds nothing."""
+    row = {"row": "lm_train", "peer": "x-transformers", "peer_setting": "default", "formers_tokens_per_s": 1300.0,
+           "peer_tokens_per_s": 1000.0, "ratio": 1.3}
+    cell = speed._target_cell
+    assert cell(row, 1.25) == ">= 1.25x, met"
+    assert cell(dict(row, formers_page_faults=0, peer_page_faults=17640), 1.25) == \
+        ">= 1.25x, met (the peer page-faulting)"
+    assert cell(dict(row, formers_page_faults=2500, peer_page_faults=1784), 1.25) == ">= 1.25x, met"
+    assert cell(dict(row, ratio=1.0, formers_page_faults=5000, peer_page_faults=0), 1.25) == \
+        ">= 1.25x, not met (formers page-faulting)"
+    line = speed.table({"rows": [dict(row, formers_page_faults=0, peer_page_faults=17640)]}).splitlines()[-1]
+    assert "met (the peer page-faulting) |" in line and "| 0 / 17,640 |" in line
+
+
 def test_ratio_interval_is_a_paired_bootstrap_of_the_ratio_of_medians():
     """The 90% interval: exact for a constant ratio; around the ratio of medians; close to a naive paired bootstrap
     written here (Python's random, statistics.median); narrower with more repetitions."""

@@ -821,11 +821,21 @@ def target_of(r: dict) -> float | None:
     return TARGETS.get((r["row"], r.get("peer")))
 
 
+FAULT_NOTE = 1000  # minor page faults per call (per step) by which the sides differ before the target cell says so
+
+
 def _target_cell(r: dict, t: float | None) -> str:
-    """The target and whether the unrounded ratio meets it (1.098x shows as 1.10x but does not meet 1.1x)."""
+    """The target and whether the unrounded ratio meets it (1.098x shows as 1.10x but does not meet 1.1x); where one
+    side page-faulted FAULT_NOTE or more times per call than the other, it says which (a fault costs a few
+    microseconds here, and how many a side takes depends on the process's allocation history, not only on the
+    library: the README's performance section shows the LM rows without them)."""
     if not t or "ratio" not in r:
         return ""
-    return f">= {t}x, {'met' if r['ratio'] >= t else 'not met'}"
+    cell = f">= {t}x, {'met' if r['ratio'] >= t else 'not met'}"
+    fo, fp = r.get("formers_page_faults"), r.get("peer_page_faults")
+    if fo is not None and fp is not None and abs(fp - fo) >= FAULT_NOTE:
+        cell += f" ({'the peer' if fp > fo else 'formers'} page-faulting)"
+    return cell
 
 
 def table(res: dict) -> str:
