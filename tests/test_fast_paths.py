@@ -985,17 +985,21 @@ def _count_blocks(monkeypatch):
     return calls
 
 
-def test_block_causal_lm_training_step_equals_sdpa(monkeypatch):
+@pytest.mark.parametrize("kv_heads", [None, 2, 1])
+def test_block_causal_lm_training_step_equals_sdpa(kv_heads, monkeypatch):
     """A whole LM training step (cross-entropy, backward, AdamW) through the block-causal path (taken by both
-    layers) gives SDPA's loss, gradients and updated weights; with the length outside CAUSAL_BLOCKS_LEN, or in
-    evaluation without autograd, SDPA runs."""
+    layers) gives SDPA's loss, gradients and updated weights, with as many key/value heads as query heads, grouped
+    (GQA: the key/value heads repeated for the kernel) and one (MQA); with the length outside CAUSAL_BLOCKS_LEN, or
+    in evaluation without autograd, SDPA runs."""
     calls = _count_blocks(monkeypatch)
 
     def step(lo, hi):
         monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (lo, hi))
         monkeypatch.setattr(attention, "CAUSAL_BLOCK", 5)
         torch.manual_seed(0)
-        lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).double().train()
+        lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32,
+                                  block={"mixer": {"name": "softmax", "heads": 4, "kv_heads": kv_heads}}
+                                  ).double().train()
         opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
         ids = torch.randint(0, 40, (3, 24))
         loss = torch.nn.functional.cross_entropy(lm(ids[:, :-1]).reshape(-1, 40), ids[:, 1:].reshape(-1))
@@ -1005,25 +1009,25 @@ def test_block_causal_lm_training_step_equals_sdpa(monkeypatch):
         return loss.item(), g, {n: p.detach().clone() for n, p in lm.named_parameters()}
 
     l1, g1, w1 = step(10, 30)
-    assert calls == [(3, 4, 23, 8)] * 2
+    assert calls == [(3, 4, 23, 8)] * 2  # q's shape: the key/value heads reach the kernel repeated
     l2, g2, w2 = step(24, 30)  # 23 tokens: below the range
     assert len(calls) == 2
     assert abs(l1 - l2) < 1e-12
     for n in g1:
         torch.testing.assert_close(g1[n], g2[n], atol=1e-10, rtol=1e-10, msg=n)
         torch.testing.assert_close(w1[n], w2[n], atol=1e-10, rtol=1e-10, msg=n)
-    lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32).double()
+    lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32,
+                              block={"mixer": {"name": "softmax", "heads": 4, "kv_heads": kv_heads}}).double()
     monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (10, 30))
     with torch.no_grad():
         lm(torch.randint(0, 40, (2, 20)))
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize("why", ["dropout", "gqa", "mask", "bidirectional", "math_backend", "autocast",
-                                 "functorch"])
+@pytest.mark.parametrize("why", ["dropout", "mask", "bidirectional", "math_backend", "autocast", "functorch"])
 def test_block_causal_is_off_where_it_does_not_apply(why, monkeypatch):
-    """Attention dropout, grouped key/value heads, a key-padding mask and bidirectional attention keep SDPA (the
-    block kernel has none of them), and so do a user's choice of SDPA's math backend (which has a double backward,
+    """Attention dropout, a key-padding mask and bidirectional attention keep SDPA (the block kernel has none of
+    them), and so do a user's choice of SDPA's math backend (which has a double backward,
     checked here), autocast (the kernel computes in its inputs' dtype) and torch.func transforms (it has no
     functorch rules; torch.func.grad then gives the plain gradient); the output still equals the naive reference
     where it is deterministic."""
@@ -1032,7 +1036,7 @@ def test_block_causal_is_off_where_it_does_not_apply(why, monkeypatch):
     calls = _count_blocks(monkeypatch)
     monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (8, 64))
     monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
-    kw = {"dropout": {"dropout": 0.1}, "gqa": {"kv_heads": 2}, "bidirectional": {"causal": False}}.get(why, {})
+    kw = {"dropout": {"dropout": 0.1}, "bidirectional": {"causal": False}}.get(why, {})
     torch.manual_seed(0)
     m = make(**kw).train()
     x = torch.randn(2, 16, 24, dtype=torch.float64, requires_grad=True)
@@ -1057,7 +1061,7 @@ def test_block_causal_is_off_where_it_does_not_apply(why, monkeypatch):
         else:
             y.sum().backward()
     assert calls == []
-    if why in ("gqa", "mask", "math_backend"):
+    if why in ("mask", "math_backend"):
         torch.testing.assert_close(y, two_projection_attention(m, x), atol=1e-10, rtol=1e-10)
 
 
