@@ -230,6 +230,39 @@ def test_packed_encoder_gradients_equal_padded(pool, level, position):
         torch.testing.assert_close(g_pack[n], g_pad[n], atol=1e-10, rtol=0, msg=n)
 
 
+def test_packed_offsets_are_read_once_per_forward_not_per_layer(monkeypatch):
+    """The stack hands every layer the same seqlens: only the first layer reads them from the device (on a GPU, a
+    synchronisation) and checks them, so a packed forward reads offsets twice (the model's check of the caller's
+    seqlens, and the first layer's of the shifted ones) at any depth, with the padded forward's output; a seqlens
+    changed in place, or another tensor, is read again."""
+    from formers.nn import packed
+
+    calls = []
+    real = packed._offsets
+    monkeypatch.setattr(packed, "_offsets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    idx, mask = _batch()
+    for depth in (2, 6):
+        torch.manual_seed(0)
+        m = formers.create_model("encoder", vocab=50, dim=32, depth=depth, max_len=64, num_classes=3).eval()
+        calls.clear()
+        with torch.no_grad():
+            y = m(idx, mask=mask, packed=True)
+        assert len(calls) == 2
+        torch.testing.assert_close(y, m(idx, mask=mask), atol=1e-5, rtol=1e-5)
+    attn = formers.build("mixer", "softmax", dim=16, heads=2)
+    x = torch.randn(1, 7, 16)
+    s = torch.tensor([0, 3, 7])
+    calls.clear()
+    a = packed.packed_self_attention(attn, x, s)
+    packed.packed_self_attention(attn, x, s)
+    assert len(calls) == 1
+    s[1] = 5  # in place: sequences of 5 and 2 tokens now
+    b = packed.packed_self_attention(attn, x, s)
+    assert len(calls) == 2 and not torch.allclose(a, b)
+    torch.testing.assert_close(b, packed.packed_self_attention(attn, x, torch.tensor([0, 5, 7])))
+    assert len(calls) == 3
+
+
 def test_packed_constructor_flag_and_cls_layout():
     """Encoder(packed=True) packs inside forward; with cls pooling sequence i's cls row is seqlens[i] + i."""
     torch.manual_seed(0)

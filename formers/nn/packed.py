@@ -20,6 +20,7 @@ through `F.scaled_dot_product_attention` per length bucket (see `varlen_attentio
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -261,6 +262,25 @@ def _jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens
 
 # ----------------------------------------------------------------------------------- the softmax mixer, packed
 
+_SEEN: list = [None]  # (weak reference to the caller's seqlens, its version, device, T, checked offsets, host list)
+
+
+def _layer_offsets(seqlens: torch.Tensor, device: torch.device, T: int) -> tuple[torch.Tensor, list[int]]:
+    """`_offsets` of the seqlens a stack hands every layer: read from the device (on a GPU, a synchronisation) and
+    checked by the first layer only. The next layers get them back while it is the same tensor object, unchanged
+    (its version counter), for the same device and token count."""
+    seen = _SEEN[0]
+    if (seen is not None and seen[0]() is seqlens and seen[1] == seqlens._version and seen[2] == device
+            and seen[3] == T):
+        return seen[4], seen[5]
+    checked, host = _offsets(seqlens.to(device), T)
+    try:
+        _SEEN[0] = (weakref.ref(seqlens), seqlens._version, device, T, checked, host)
+    except TypeError:  # a tensor subclass without weak references: read every time
+        pass
+    return checked, host
+
+
 def packed_self_attention(attn, x: torch.Tensor, seqlens: torch.Tensor, *, mask: torch.Tensor | None = None,
                           positions=None, cache=None, context: torch.Tensor | None = None,
                           **unused) -> torch.Tensor:
@@ -295,7 +315,7 @@ def packed_self_attention(attn, x: torch.Tensor, seqlens: torch.Tensor, *, mask:
         raise FormersError(f"{name}: packed sequences (seqlens) need x of shape (1, T, D), got {tuple(x.shape)}")
     _, T, _ = x.shape
     H, Hkv, Dh = attn.heads, attn.kv_heads, attn.head_dim
-    seqlens, host = _offsets(seqlens.to(x.device), T)
+    seqlens, host = _layer_offsets(seqlens, x.device, T)
     fusable = getattr(attn, "_fusable", None)
     if fusable is not None and fusable():  # one matmul for q, k, v where the mixer offers it
         q, k, v = attn._fused_qkv(x)  # (1, H, T, Dh), (1, Hkv, T, Dh) x 2
