@@ -261,6 +261,15 @@ def test_packed_offsets_are_read_once_per_forward_not_per_layer(monkeypatch):
     assert len(calls) == 2 and not torch.allclose(a, b)
     torch.testing.assert_close(b, packed.packed_self_attention(attn, x, torch.tensor([0, 5, 7])))
     assert len(calls) == 3
+    with torch.inference_mode():  # no version counter: read every time, so a change in place still shows
+        s = torch.tensor([0, 3, 7])
+        a2 = packed.packed_self_attention(attn, x, s)
+        s[1] = 5
+        torch.testing.assert_close(packed.packed_self_attention(attn, x, s), b)
+        assert len(calls) == 5
+        torch.testing.assert_close(a2, a)
+        y = m(idx, mask=mask, packed=True)  # a whole packed forward under inference mode
+    torch.testing.assert_close(y, m(idx, mask=mask), atol=1e-5, rtol=1e-5)
 
 
 def test_packed_constructor_flag_and_cls_layout():

@@ -268,7 +268,10 @@ _SEEN: list = [None]  # (weak reference to the caller's seqlens, its version, de
 def _layer_offsets(seqlens: torch.Tensor, device: torch.device, T: int) -> tuple[torch.Tensor, list[int]]:
     """`_offsets` of the seqlens a stack hands every layer: read from the device (on a GPU, a synchronisation) and
     checked by the first layer only. The next layers get them back while it is the same tensor object, unchanged
-    (its version counter), for the same device and token count."""
+    (its version counter), for the same device and token count. An inference tensor (made under
+    torch.inference_mode) has no version counter, so a change in place would not show: it is read every time."""
+    if seqlens.is_inference():
+        return _offsets(seqlens.to(device), T)
     seen = _SEEN[0]
     if (seen is not None and seen[0]() is seqlens and seen[1] == seqlens._version and seen[2] == device
             and seen[3] == T):
