@@ -447,27 +447,17 @@ def _lean_attention(attn: tuple, h: torch.Tensor, masks: dict | None, cache: KVC
     q = F.linear(h, wq, bq).view(B, N, H, Dh).transpose(1, 2)  # (B, H, N, Dh)
     k, v = F.linear(h, wkv, bkv).view(B, N, 2, Hkv, Dh).permute(2, 0, 3, 1, 4).unbind(0)  # (B, Hkv, N, Dh) each
     past, bias = cache.length if cache is not None else 0, None
-    if positions is not None:  # query i sits at position past + i and sees keys 0..past + i
-        pos = torch.arange(past, past + N, device=h.device)
-        q, k = positions.rotate(q, k, pos, pos)
-        bias = positions.bias(pos, torch.arange(past + N, device=h.device), H)  # (H, N, past + N) or None
+    if positions is not None:
+        q, k, bias = attention.relative_positions(positions, q, k, past)
     if cache is not None:  # (B, Hkv, L, Dh): the one query sees every cached key, no mask (N = 1: not causal below)
         k, v = cache.update(k, v)
     causal = causal and N > 1  # a decoded token (N = 1, after the cached keys) sees every key
     if masks is None and bias is None:  # through the module, so that a patch of attention._sdpa applies here too
-        return attention._sdpa(q, k, v, dropout_p=0.0, is_causal=causal, scale=scale).transpose(1, 2).reshape(
-            B, N, H * Dh)
-    # as forward_split with a key mask (made once for the stack, `lean_masks`) or a score bias
-    allowed, empty = masks[causal] if masks is not None else SoftmaxAttention._allowed(N, k.shape[2], causal, past,
-                                                                                         None, h.device)
-    attn_mask = allowed
-    if bias is not None:
-        attn_mask = bias.to(q.dtype)[None]
-        if allowed is not None:
-            attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
-    y = attention._sdpa(q, k, v, attn_mask=attn_mask, dropout_p=0.0, scale=scale)
-    if empty is not None:
-        y = y.masked_fill(empty, 0.0)
+        y = attention._sdpa(q, k, v, dropout_p=0.0, is_causal=causal, scale=scale)
+    else:  # as forward_split with a key mask (made once for the stack, `lean_masks`) or a score bias
+        allowed, empty = (masks[causal] if masks is not None else
+                          SoftmaxAttention._allowed(N, k.shape[2], causal, past, None, h.device))
+        y = attention.zero_empty_rows(attention.masked_sdpa(q, k, v, allowed, bias, 0.0, scale), empty)
     return y.transpose(1, 2).reshape(B, N, H * Dh)
 
 

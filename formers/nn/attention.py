@@ -243,6 +243,36 @@ def _takes_causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop
 _SDPA_GQA = torch_at_least(2, 5)  # `enable_gqa` came in torch 2.5
 
 
+def relative_positions(positions, q: torch.Tensor, k: torch.Tensor, past: int):
+    """A relative encoding on self-attention heads q (B, H, N, Dh), k (B, Hkv, N, Dh) whose query and key i sit at
+    position past + i (a cache holds the first `past`): (rotated q, rotated k, score bias (H, N, past + N) or None).
+    `SoftmaxAttention.forward_split` and the lean inference blocks (formers/blocks.py) both call it."""
+    N = q.shape[2]
+    q_pos = torch.arange(past, past + N, device=q.device)
+    q, k = positions.rotate(q, k, q_pos, q_pos)
+    return q, k, positions.bias(q_pos, torch.arange(past + N, device=q.device), q.shape[1])
+
+
+def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor | None,
+                bias: torch.Tensor | None, drop: float, scale: float) -> torch.Tensor:
+    """SDPA with a boolean `allowed` mask (True = may attend) and/or a score bias (H, Nq, Nk): the bias with -inf
+    where not allowed, else the boolean mask itself."""
+    attn_mask = allowed
+    if bias is not None:
+        attn_mask = bias.to(q.dtype)[None]
+        if allowed is not None:
+            attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
+    return _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=scale)
+
+
+def zero_empty_rows(y: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
+    """Attention outputs y (B, H, Nq, Dh) with the query rows that have no key to attend (`empty`, from
+    `SoftmaxAttention._allowed`) set to zero; on a GPU the fill costs less than the host reading `empty.any()`."""
+    if empty is not None and (y.device.type != "cpu" or bool(empty.any())):
+        y = y.masked_fill(empty, 0.0)
+    return y
+
+
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
     """SDPA for q (B, H, Nq, Dh) and k, v (B, Hkv, Nk, Dh), Hkv dividing H (GQA: each group of H/Hkv query heads
     shares one key/value head); without copying the shared heads where torch can."""
@@ -343,10 +373,7 @@ class SoftmaxAttention(nn.Module):
         past = cache.length if (cache is not None and own) else 0
         bias = None
         if positions is not None and own:
-            q_pos = torch.arange(past, past + N, device=x.device)
-            k_pos = torch.arange(past + N, device=x.device)
-            q, k = positions.rotate(q, k, q_pos, q_pos)
-            bias = positions.bias(q_pos, k_pos, H)  # (H, N, past + N) or None
+            q, k, bias = relative_positions(positions, q, k, past)
         if cache is not None and own:
             k, v = cache.update(k, v)  # (B, Hkv, past + N, Dh)
         Nk = k.shape[2]
@@ -374,16 +401,8 @@ class SoftmaxAttention(nn.Module):
             empty = None
         else:
             allowed, empty = self._allowed(N, Nk, needs_causal, past, mask, x.device)
-            attn_mask = allowed
-            if bias is not None:
-                attn_mask = bias.to(q.dtype)[None]
-                if allowed is not None:
-                    attn_mask = attn_mask.masked_fill(~allowed, float("-inf"))
-            y = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=drop, scale=self.scale)
-        # rows with no key are zeroed; on a GPU the fill costs less than the host reading `empty.any()`
-        if empty is not None and (y.device.type != "cpu" or bool(empty.any())):
-            y = y.masked_fill(empty, 0.0)
-        y = self.output_mod(y, x)
+            y = masked_sdpa(q, k, v, allowed, bias, drop, self.scale)
+        y = self.output_mod(zero_empty_rows(y, empty), x)
         out = self.out
         if fold:
             out = Affine(out.weight, self._folded_out_bias())
