@@ -146,3 +146,31 @@ def test_a_compiler_failure_is_one_clear_error(tmp_path, monkeypatch):
     with torch._inductor.config.patch({"compile_threads": 1, "cpp.cxx": (None, str(tmp_path / "no-such-g++"))}):
         with pytest.raises(formers.FormersError, match=r"train.compile=true: torch.compile failed: .*C\+\+ compiler"):
             _fit(_recipe(compile=True), tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_compiled_training_at_block_causal_lengths_equals_eager(monkeypatch):
+    """At 256 tokens eager CPU training runs formers' block-causal attention, compiled training SDPA (a first compiled
+    call used to fail tracing the kernel, whose mask cache is written inside it): the same loss and gradients, the
+    mask cache empty until the eager step."""
+    import torch.nn.functional as F
+
+    from formers.nn import attention
+
+    monkeypatch.setattr(attention, "_MASKS", {})  # as in a fresh process
+    torch.manual_seed(0)
+    lm = formers.create_model("lm", vocab=32, dim=16, depth=1, max_len=256,
+                              block={"mixer": {"name": "softmax", "heads": 2}})
+    x = torch.randint(0, 32, (1, 257))
+
+    def grads(m):
+        loss = F.cross_entropy(m(x[:, :-1]).reshape(-1, 32), x[:, 1:].reshape(-1))
+        return [loss, *torch.autograd.grad(loss, list(lm.parameters()))]
+
+    with torch._inductor.config.patch(compile_threads=1):
+        compiled = grads(torch.compile(lm))
+    assert attention._MASKS == {}
+    eager = grads(lm)
+    assert attention._MASKS  # eager training did take the kernel
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

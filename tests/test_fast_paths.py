@@ -1103,6 +1103,43 @@ def test_block_causal_mask_ignores_the_default_device():
     assert all(t.device.type == "cpu" for t in attention._MASKS.values())
 
 
+def test_block_causal_is_not_traced_by_torch_compile(monkeypatch):
+    """Under torch.compile the kernel stands aside for SDPA, which inductor compiles itself (tracing the kernel,
+    whose mask cache is written inside it, failed on a first compiled call; tests/test_compile.py runs it)."""
+    q = torch.randn(1, 2, 256, 8, requires_grad=True)
+    assert attention._takes_causal_blocks(q, q, q, 0.0)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not attention._takes_causal_blocks(q, q, q, 0.0)
+
+
+def test_block_causal_higher_order_gradients_raise():
+    """A gradient taken with create_graph=True through the kernel raises (as SDPA's flash kernel does) instead of
+    silently dropping the attention's second-order terms; first-order gradients are unchanged."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 10, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 4)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(y.pow(2).sum(), q, create_graph=True)
+    y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 4)
+    (g,) = torch.autograd.grad(y.pow(2).sum(), q)
+    torch.testing.assert_close(g, torch.autograd.grad(naive_causal(q, k, v, 0.5).pow(2).sum(), q)[0], atol=1e-12,
+                               rtol=1e-12)
+
+
+def test_block_causal_batched_gradients_equal_a_loop():
+    """`is_grads_batched=True` (vmap over the backward: what `jacobian(vectorize=True)` uses) through the kernel gives
+    each vector's gradient, as one backward per vector does."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 12, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 4)
+    gs = torch.randn(3, *y.shape, dtype=torch.float64)
+    batched = torch.autograd.grad(y, (q, k, v), gs, is_grads_batched=True, retain_graph=True)
+    ref = naive_causal(q, k, v, 0.5)
+    for i in range(3):
+        for a, b in zip(batched, torch.autograd.grad(ref, (q, k, v), gs[i], retain_graph=True)):
+            torch.testing.assert_close(a[i], b, atol=1e-12, rtol=1e-12)
+
+
 def _count_gelu_linear(monkeypatch) -> list:
     from formers.nn import ffn
 

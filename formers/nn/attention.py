@@ -178,27 +178,30 @@ class BlockCausalAttention(torch.autograd.Function):
         return y.transpose(1, 2)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable  # as SDPA's flash kernel: no double backward
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: this backward is not differentiable (nor is SDPA's flash)
+            raise RuntimeError("BlockCausalAttention: higher-order gradients through formers' block-causal CPU "
+                               "attention are not supported; run the model under `with torch.nn.attention."
+                               "sdpa_kernel(torch.nn.attention.SDPBackend.MATH):` for a differentiable backward")
         q, k, v, *probs = ctx.saved_tensors
         scale, block, H = ctx.scale, ctx.block, ctx.heads
         BH, N, D = q.shape
         dy = dy.reshape(BH, N, D)
-        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        dk = dv = None  # made by the last block (taken first)
         dqs = []  # per block, fresh: a batched matmul into a row slice of dq (not contiguous) runs one matrix at a
         starts = range(0, N, block)  # time (ATen's fallback), 0.9 ms more per layer here than this and one cat
         for s, p in zip(reversed(starts), reversed(probs)):
             e = min(s + block, N)
             dys = dy[:, s:e]
-            if e == N:  # the last block sees every key: it writes dk and dv whole, the others add to them
-                torch.bmm(p.transpose(1, 2), dys, out=dv)
+            if e == N:  # the last block sees every key: it makes dk and dv whole, the others add to them
+                dv = torch.bmm(p.transpose(1, 2), dys)  # (no out=: vmap, e.g. is_grads_batched, has no rule for it)
             else:
                 dv[:, :e] += torch.bmm(p.transpose(1, 2), dys)
             ds = torch._softmax_backward_data(torch.bmm(dys, v[:, :e].transpose(1, 2)), p, -1, q.dtype)
             # dq = scale * dS k, dk = scale * dS^T q: the scale rides in the matmuls (beta=0: out not read)
             dqs.append(torch.baddbmm(q.new_empty(BH, e - s, D), ds, k[:, :e], beta=0, alpha=scale))
             if e == N:
-                torch.baddbmm(dk, ds.transpose(1, 2), q[:, s:e], beta=0, alpha=scale, out=dk)
+                dk = torch.baddbmm(q.new_empty(BH, N, D), ds.transpose(1, 2), q[:, s:e], beta=0, alpha=scale)
             else:
                 dk[:, :e] += torch.baddbmm(q.new_empty(BH, e, D), ds.transpose(1, 2), q[:, s:e], beta=0,
                                            alpha=scale)
@@ -232,9 +235,11 @@ def _takes_causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop
     which in a paired A/B here still ran 1.03-1.20x SDPA's GQA kernel at 256-512 tokens) of a length in
     CAUSAL_BLOCKS_LEN, float32 or float64, with SDPA's flash kernel allowed (the block kernel stands in for it; a
     user who selected the math backend, e.g. for a double backward, gets it), no autocast (the kernel computes in
-    its inputs' dtype) and no torch.func transform (it has no functorch rules)."""
+    its inputs' dtype), no torch.func transform (it has no functorch rules) and not under torch.compile (which
+    compiles SDPA itself; tracing this Function, whose mask cache is written inside it, failed on a first call)."""
     lo, hi = CAUSAL_BLOCKS_LEN
-    return (torch.is_grad_enabled() and q.device.type == "cpu" and not drop and q.shape[1] % k.shape[1] == 0
+    return (torch.is_grad_enabled() and not torch.compiler.is_compiling() and q.device.type == "cpu" and not drop
+            and q.shape[1] % k.shape[1] == 0
             and lo <= q.shape[2] <= hi and q.dtype in (torch.float32, torch.float64)
             and (q.requires_grad or k.requires_grad or v.requires_grad)
             and torch.backends.cuda.flash_sdp_enabled() and not autocast_on("cpu") and not functorch_active())
