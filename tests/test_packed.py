@@ -231,12 +231,14 @@ def test_packed_encoder_gradients_equal_padded(pool, level, position):
 
 
 def test_packed_offsets_are_read_once_per_forward_not_per_layer(monkeypatch):
-    """The stack hands every layer the same seqlens: only the first layer reads them from the device (on a GPU, a
-    synchronisation) and checks them, so a packed forward reads offsets twice (the model's check of the caller's
-    seqlens, and the first layer's of the shifted ones) at any depth, with the padded forward's output; a seqlens
-    changed in place, or another tensor, is read again."""
+    """Offsets on a device (where a read is a synchronisation; `_host_readable` False stands in for a GPU here): the
+    stack hands every layer the same seqlens, and only the first layer reads and checks them, so a packed forward
+    reads offsets twice (the model's check of the caller's seqlens, and the first layer's of the shifted ones) at
+    any depth, with the padded forward's output; a seqlens changed in place, or another tensor, is read again."""
     from formers.nn import packed
 
+    monkeypatch.setattr(packed, "_host_readable", lambda s: False)
+    monkeypatch.setattr(packed, "_SEEN", [None])
     calls = []
     real = packed._offsets
     monkeypatch.setattr(packed, "_offsets", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -272,6 +274,55 @@ def test_packed_offsets_are_read_once_per_forward_not_per_layer(monkeypatch):
     torch.testing.assert_close(y, m(idx, mask=mask), atol=1e-5, rtol=1e-5)
 
 
+def test_packed_offsets_in_host_memory_are_compared_by_value(monkeypatch):
+    """Offsets on the CPU are read by every layer (no synchronisation) and checked again only when their values
+    change, however they changed: also through a numpy array sharing the tensor's memory or through `.data`, which
+    leave its version counter alone (a data loader refilling one offsets buffer per batch). Each forward must
+    equal the padded one for the offsets it was given."""
+    import numpy as np
+
+    from formers.nn import packed
+
+    monkeypatch.setattr(packed, "_SEEN", [None])
+    calls = []
+    real = packed._offsets
+    monkeypatch.setattr(packed, "_offsets", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    m = formers.create_model("encoder", vocab=40, dim=16, depth=3, max_len=40, num_classes=3, pool="mean",
+                             position="rope").eval()  # rotary: every layer places its tokens by the offsets
+    ids = torch.randint(0, 40, (12,))
+    buf = np.array([0, 3, 12], dtype=np.int64)
+    s = torch.from_numpy(buf)  # shares buf's memory
+
+    def padded(lengths):  # the same sequences padded, with their key mask: the reference
+        rows = list(torch.split(ids, lengths))
+        x = torch.zeros(len(rows), max(lengths), dtype=torch.long)
+        mask = torch.zeros(len(rows), max(lengths), dtype=torch.bool)
+        for i, r in enumerate(rows):
+            x[i, : len(r)], mask[i, : len(r)] = r, True
+        return m(x, mask=mask)
+
+    with torch.no_grad():
+        calls.clear()
+        torch.testing.assert_close(m.forward_packed(ids, s), padded([3, 9]), atol=1e-5, rtol=1e-5)
+        assert len(calls) == 2  # the model's check and the first layer's; the other two layers reuse it
+        v = s._version
+        for write, lengths in ((lambda: buf.__setitem__(1, 8), [8, 4]),
+                               (lambda: s.data.__setitem__(1, 5), [5, 7]),
+                               (lambda: setattr(s, "data", torch.tensor([0, 2, 12])), [2, 10])):
+            write()
+            torch.testing.assert_close(m.forward_packed(ids, s), padded(lengths), atol=1e-5, rtol=1e-5)
+        assert s._version == v  # none of these writes moved the version counter
+        calls.clear()
+        m.forward_packed(ids, torch.tensor([0, 2, 12]))  # another tensor, the same values: nothing to check again
+        assert len(calls) == 1  # the model's own check only
+        s1 = torch.tensor([0, 3, 12])
+        m.forward_packed(ids, s1)
+        s1[1] = 8  # the offsets reused below were read from s1: they must not change with it
+        torch.testing.assert_close(m.forward_packed(ids, torch.tensor([0, 3, 12])), padded([3, 9]), atol=1e-5,
+                                   rtol=1e-5)
+
+
 def test_packed_constructor_flag_and_cls_layout():
     """Encoder(packed=True) packs inside forward; with cls pooling sequence i's cls row is seqlens[i] + i."""
     torch.manual_seed(0)
@@ -299,6 +350,13 @@ def test_packed_encoder_errors():
         model.forward_packed(ids, seqlens + 1)
     with pytest.raises(FormersError, match="integer"):
         model.forward_packed(ids, seqlens.double())
+    for given in (seqlens.tolist(), tuple(seqlens.tolist())):  # a list: the same one-line error, at every entry
+        with pytest.raises(FormersError, match="1-D integer tensor of cumulative offsets"):
+            model.forward_packed(ids, given)
+        with pytest.raises(FormersError, match="1-D integer tensor of cumulative offsets"):
+            model.stack.blocks[0].attn.fn(torch.randn(1, ids.shape[-1], 16, dtype=torch.float64), seqlens=given)
+    with pytest.raises(FormersError, match="non-negative integers"):  # 2.7 is no length (it would become 2)
+        lengths_to_seqlens([2.7, 3])
     with pytest.raises(FormersError, match="right-padded"):
         model(idx, mask=mask.flip(1), packed=True)
     with pytest.raises(FormersError, match="max_len"):
@@ -306,6 +364,18 @@ def test_packed_encoder_errors():
     dual = formers.create_model("dual_encoder", vocab=40, dim=16, depth=1, max_len=8).double()
     with pytest.raises(FormersError, match="does not run packed"):
         dual(torch.zeros(2, 2, 8, dtype=torch.long), mask=torch.ones(2, 2, 8, dtype=torch.bool), packed=True)
+
+
+def test_packed_token_level_with_one_token_and_one_class():
+    """A token-level encoder with one class on a batch of one valid token: (T, C) = (1, 1) logits still unpack to
+    (B, N, 1), as the padded forward gives (they once read as (1, T) packed ids and lost the class axis)."""
+    torch.manual_seed(0)
+    m = formers.create_model("encoder", vocab=40, dim=16, depth=1, max_len=12, num_classes=1, level="token",
+                             pool="mean").double()
+    idx, mask = _batch((1, 0))
+    padded, packed_ = m(idx, mask=mask), m(idx, mask=mask, packed=True)
+    assert packed_.shape == padded.shape == (2, 1, 1)
+    torch.testing.assert_close(packed_[mask], padded[mask], atol=1e-10, rtol=0)
 
 
 # -------------------------------------------------------------------------------------------------- pack / unpack

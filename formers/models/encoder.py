@@ -122,7 +122,8 @@ class Encoder(SequenceModel):
                                "padding), as positions count from each row's first token; use packed=False")
         ids, seqlens = pack(idx, mask)
         logits = self.forward_packed(ids, seqlens)
-        return logits if self.level == "sequence" else unpack(logits, seqlens, mask=mask)  # (B, N, C), 0 at pads
+        # (1, T, C) spelled out: a (T, C) of one token and one class would read as (1, T) packed ids
+        return logits if self.level == "sequence" else unpack(logits[None], seqlens, mask=mask)  # (B, N, C)
 
     def _absolute_at(self, pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The absolute position encoding (T, D) at per-token positions `pos` (T,)."""
@@ -147,7 +148,8 @@ class Encoder(SequenceModel):
         if idx.dim() != 1 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise FormersError(f"forward_packed: expected packed integer token ids of shape (T,) or (1, T), got "
                                f"{tuple(idx.shape)} {idx.dtype}")
-        seqlens = check_seqlens(seqlens.to(idx.device), idx.shape[0])
+        # checked where they are (offsets given on the CPU are read without a device synchronisation), then moved
+        seqlens = check_seqlens(seqlens, idx.shape[0]).to(idx.device)
         clear_aux(self)  # auxiliary losses describe this forward pass only
         x = self.embed(idx)  # (T, D)
         if self.cls_token is not None:

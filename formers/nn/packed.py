@@ -62,7 +62,10 @@ def _offsets(seqlens: torch.Tensor, total: int | None, what: str = "seqlens") ->
 
 def lengths_to_seqlens(lengths: torch.Tensor | Sequence[int], device=None) -> torch.Tensor:
     """Lengths [5, 7] -> cumulative offsets tensor([0, 5, 12])."""
-    lengths = torch.as_tensor(lengths, dtype=torch.long, device=device)
+    raw = torch.as_tensor(lengths)
+    if raw.dtype.is_floating_point or raw.dtype.is_complex or raw.dtype == torch.bool:  # 2.7 would become 2
+        raise FormersError(f"lengths must be a 1-D list of non-negative integers, got {raw.tolist()} ({raw.dtype})")
+    lengths = raw.to(dtype=torch.long, device=device)
     if lengths.dim() != 1 or bool((lengths < 0).any()):
         raise FormersError(f"lengths must be a 1-D list of non-negative integers, got {lengths.tolist()}")
     return torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
@@ -262,25 +265,50 @@ def _jagged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqlens
 
 # ----------------------------------------------------------------------------------- the softmax mixer, packed
 
-_SEEN: list = [None]  # (weak reference to the caller's seqlens, its version, device, T, checked offsets, host list)
+_SEEN: list = [None]  # the last offsets read: (key, checked offsets on the layer's device, host list)
+
+
+def _host_readable(seqlens: torch.Tensor) -> bool:
+    """Whether reading seqlens' values costs no device synchronisation (they are in host memory)."""
+    return seqlens.device.type == "cpu"
 
 
 def _layer_offsets(seqlens: torch.Tensor, device: torch.device, T: int) -> tuple[torch.Tensor, list[int]]:
-    """`_offsets` of the seqlens a stack hands every layer: read from the device (on a GPU, a synchronisation) and
-    checked by the first layer only. The next layers get them back while it is the same tensor object, unchanged
-    (its version counter), for the same device and token count. An inference tensor (made under
-    torch.inference_mode) has no version counter, so a change in place would not show: it is read every time."""
-    if seqlens.is_inference():
-        return _offsets(seqlens.to(device), T)
+    """`_offsets` of the seqlens a stack hands every layer, checked by the first layer only where the next layers
+    cannot tell a change without reading them again.
+
+    - seqlens on the CPU: read every time (a host read, no device synchronisation) and compared with the last
+      offsets read, whose checked copy on the layer's device (a GPU's: no copy and no synchronisation per layer) is
+      reused when the values are equal. Values, not the tensor's version counter: a CPU tensor can change without
+      it (a numpy array sharing its memory, writes through `.data`), as a data loader refilling one buffer does.
+    - seqlens on a GPU: reading them is a synchronisation, so the next layers reuse the first one's read while it is
+      the same tensor object, unchanged by its version counter (a change that bypasses the counter, e.g. through
+      `.data`, is not seen there), for the same device and token count.
+    - An inference tensor (made under torch.inference_mode) has no version counter: read every time. Nothing is
+      reused across inference mode and outside it (a copy made inside could not be saved for backward outside)."""
+    if not isinstance(seqlens, torch.Tensor) or seqlens.is_inference():
+        return _offsets(seqlens.to(device) if isinstance(seqlens, torch.Tensor) else seqlens, T)
+    mode = torch.is_inference_mode_enabled()
     seen = _SEEN[0]
-    if (seen is not None and seen[0]() is seqlens and seen[1] == seqlens._version and seen[2] == device
-            and seen[3] == T):
-        return seen[4], seen[5]
-    checked, host = _offsets(seqlens.to(device), T)
+    if _host_readable(seqlens):
+        if seqlens.dim() == 1 and not (seqlens.dtype.is_floating_point or seqlens.dtype == torch.bool):
+            now = seqlens.tolist()
+            if seen is not None and seen[0] == ("cpu", device, T, mode) and seen[2] == now:
+                return seen[1], seen[2]
+        checked, host = _offsets(seqlens, T)
+        # a copy of our own: the caller's tensor may change later, the reused offsets must not
+        checked = checked.to(device, copy=True)
+        _SEEN[0] = (("cpu", device, T, mode), checked, host)
+        return checked, host
     try:
-        _SEEN[0] = (weakref.ref(seqlens), seqlens._version, device, T, checked, host)
+        ref = weakref.ref(seqlens)
     except TypeError:  # a tensor subclass without weak references: read every time
-        pass
+        return _offsets(seqlens.to(device), T)
+    if (seen is not None and seen[0][0] == "ref" and seen[0][1]() is seqlens
+            and seen[0][2:] == (seqlens._version, device, T, mode)):
+        return seen[1], seen[2]
+    checked, host = _offsets(seqlens.to(device), T)
+    _SEEN[0] = (("ref", ref, seqlens._version, device, T, mode), checked, host)
     return checked, host
 
 
