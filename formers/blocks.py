@@ -24,7 +24,16 @@ from torch.utils.checkpoint import checkpoint
 from formers.nn import attention
 from formers.nn.attention import FOLD_MIN_ROWS, Affine, KVCache, SoftmaxAttention
 from formers.nn.ffn import IN_PLACE_MIN, MLP, GeluLinear
-from formers.nn.hooks import _global_hooks, autocast_on, forward_unpatched, hook_free, idle_dropout, plain_tree
+from formers.nn.hooks import (
+    _global_hooks,
+    autocast_on,
+    forward_unpatched,
+    functorch_active,
+    hook_free,
+    idle_dropout,
+    plain_tree,
+    torch_forward,
+)
 from formers.nn.norm import RMSNorm
 from formers.registry import FormersError, _hint, build, get, register, split_spec
 
@@ -103,7 +112,8 @@ class Placement(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def _drop(self, u: torch.Tensor) -> torch.Tensor:
-        return self.drop(u) if self.drop.p else u  # no module call at p = 0 (per-token cost when decoding)
+        # no module call for an idle dropout (per-token cost when decoding); a hooked or replaced one is called
+        return u if idle_dropout(self.drop) else self.drop(u)
 
 
 @register("placement", "pre", paper="baseline", aliases=("pre_ln", "prenorm"))
@@ -126,7 +136,8 @@ class PreNorm(Placement):
         of this sublayer may have a hook or a replaced forward (it could keep x, which is then overwritten)."""
         # every module, not only those the fused path skips: the norm sees x itself, and so does the sublayer where
         # the norm is an identity
-        if not torch.is_grad_enabled() and x.is_contiguous() and self._fuses_residual(whole=True):
+        if (not torch.is_grad_enabled() and x.is_contiguous() and not functorch_active()  # vmap: x may be
+                and self._fuses_residual(whole=True)):  # unbatched where the sublayer's output is batched
             y, out = self.fn.forward_split(self.norm(x), **kw)
             return linear_add(x, y, out, inplace=True)
         return self(x, **kw)
@@ -343,7 +354,7 @@ def _unpatched(*mods: nn.Module) -> bool:
 
 def norm_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> norm(x) for one norm module: LayerNorm / formers RMSNorm inlined, anything else called."""
-    if isinstance(m, nn.LayerNorm) and type(m).forward is nn.LayerNorm.forward:
+    if isinstance(m, nn.LayerNorm) and type(m).forward is torch_forward(nn.LayerNorm):  # a class-level patch runs
         shape, w, b, eps = m.normalized_shape, m.weight, m.bias, m.eps
         return lambda x: F.layer_norm(x, shape, w, b, eps)
     if type(m) is RMSNorm:
@@ -568,7 +579,7 @@ class PlainStack(Stack):
         mask, positions = kw.pop("mask", None), kw.pop("positions", None)
         if (any(v is not None for v in kw.values()) or torch.is_grad_enabled() or autocast_on(x.device.type)
                 or type(self).run is not Stack.run or "run" in self.__dict__ or torch.compiler.is_compiling()
-                or _global_hooks() or not _classes_unpatched()
+                or _global_hooks() or not _classes_unpatched() or functorch_active()
                 or (mask is not None and (not isinstance(mask, torch.Tensor) or mask.shape != x.shape[:2]))):
             return None  # (a mask of another shape: the module path says what is wrong with it)
         fold = (mask is None and positions is None  # as SoftmaxAttention.forward_split (`_folds_kv_bias`)

@@ -477,7 +477,8 @@ def test_generate_takes_the_lean_step_and_equals_uncached(monkeypatch):
 
 
 @pytest.mark.parametrize("why", ["hook", "looped", "post", "explicit", "lns", "gru_gate", "train",
-                                 "out_subclass", "embed_subclass", "patched_forward", "class_patch"])
+                                 "out_subclass", "embed_subclass", "patched_forward", "class_patch",
+                                 "embed_max_norm"])
 def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
     """A hook anywhere, a looped stack, Post-LN / LNS placements, an explicit-score mixer, a gated residual, an
     adapted (subclassed) output projection or embedding, or a forward replaced on an instance keep the module path
@@ -509,6 +510,8 @@ def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
     elif why == "patched_forward":
         out = model.stack.blocks[0].attn.fn.out
         out.forward = lambda t: torch.nn.functional.linear(t, out.weight) * 2.0
+    elif why == "embed_max_norm":  # nn.Embedding renormalises the rows it looks up: the lean step reads the table
+        model.embed.max_norm = 0.5
     elif why == "class_patch":  # a method of a class the plan stands in for, patched (to record attention, say)
         from formers.nn.attention import SoftmaxAttention
 
@@ -523,6 +526,163 @@ def test_lean_decode_is_off_where_it_does_not_apply(why, monkeypatch):
     prompt = torch.randint(0, 40, (2, 6))
     assert torch.equal(model.generate(prompt, 10, greedy=True), model.generate(prompt, 10, greedy=True,
                                                                                 use_cache=False))
+
+
+@pytest.mark.parametrize("cls", [torch.nn.LayerNorm, torch.nn.Linear, torch.nn.GELU, torch.nn.Embedding])
+def test_a_class_level_patch_of_an_inlined_torch_module_is_honoured(cls, monkeypatch):
+    """The fast paths compute LayerNorm, Linear, GELU and the embedding lookup from the modules' weights; with the
+    torch class's forward replaced (a quantization or logging wrapper) every path calls the modules: the inference
+    forward equals the one with autograd, both differ from the unpatched model, and cached generation takes the
+    module path (a plan may still call the patched module itself) and equals the uncached one. A replacement made
+    before formers was imported turns them off too."""
+    from formers.models import lm
+    from formers.nn import hooks
+
+    torch.manual_seed(0)
+    model = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=64,
+                                 block={"mixer": {"name": "softmax", "heads": 4}}).eval()
+    x = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        plain = model(x)
+    real = cls.forward
+    monkeypatch.setattr(cls, "forward", lambda self, *a, **k: real(self, *a, **k) * 1.5)
+    with torch.no_grad():
+        lean = model(x)
+    torch.testing.assert_close(lean, model(x).detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(lean, plain, atol=1e-3)
+    assert torch.equal(model.generate(x, 6, greedy=True), model.generate(x, 6, greedy=True, use_cache=False))
+    monkeypatch.setattr(cls, "forward", real)
+    assert hooks.forward_unpatched(*model.modules()) and lm.decode_plan(model) is not None
+    monkeypatch.setattr(hooks, "_TORCH_AS_DEFINED", False)  # as if patched before the import
+    assert not hooks.forward_unpatched(*model.modules()) and hooks.torch_forward(cls) is not real
+
+
+def test_generate_restores_every_modules_mode_also_after_an_error():
+    """generate runs in evaluation mode and gives each module its own mode back: a norm frozen in evaluation inside
+    a training model, a dropout left training (MC dropout) inside an evaluating one, and after a failed call."""
+
+    torch.manual_seed(0)
+    model = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=16).train()
+    model.stack.blocks[0].attn.norm.eval()
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 4)
+    assert model.training and not model.stack.blocks[0].attn.norm.training
+    model.eval()
+    model.drop.train()
+    model.generate(torch.zeros(1, 3, dtype=torch.long), 4)
+    assert not model.training and model.drop.training
+    model.train()
+    with pytest.raises(IndexError):  # an id outside the vocabulary fails inside the embedding
+        model.generate(torch.full((1, 3), 99), 2)
+    assert all(m.training for m in model.modules())
+
+
+def test_generate_length_limits_and_edge_settings():
+    """Learned positions hold the tokens the model is fed: the prompt and every generated token but the last (a
+    64-token prompt still gets one more token at max_len 64); sinusoids have no end (generation past max_len
+    equals the uncached one); an empty prompt is a one-line error; a tiny temperature samples the argmax instead
+    of failing on inf - inf."""
+    from formers.registry import FormersError
+
+    torch.manual_seed(0)
+    learned = formers.create_model("lm", vocab=40, dim=32, depth=1, max_len=16).eval()
+    x = torch.randint(0, 40, (1, 16))
+    assert learned.generate(x, 1).shape == (1, 17)
+    with pytest.raises(FormersError, match="learned positions"):
+        learned.generate(x, 2)
+    sines = formers.create_model("lm", vocab=40, dim=32, depth=1, max_len=16, position="sinusoidal").eval()
+    assert torch.equal(sines.generate(x, 8, greedy=True), sines.generate(x, 8, greedy=True, use_cache=False))
+    with pytest.raises(FormersError, match="length >= 1"):
+        learned.generate(torch.zeros(2, 0, dtype=torch.long), 3)
+    m64 = learned.double()
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(m64.generate(x[:, :8], 5, temperature=1e-40, generator=g), m64.generate(x[:, :8], 5,
+                                                                                                greedy=True))
+
+
+def _plain_mlp(m, x):
+    return torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(x, m.fc1.weight, m.fc1.bias)),
+                                      m.fc2.weight, m.fc2.bias)
+
+
+def test_training_fast_path_outputs_take_in_place_changes():
+    """The MLP's and a Pre-LN block's outputs in training (the fused GELU + fc2 node) are tensors of their own, not
+    views out of a custom Function: a user's in-place change, or a forward hook patching rows of the block's output
+    (activation patching), works and back-propagates as on the plain path."""
+    torch.manual_seed(0)
+    m = formers.build("ffn", "mlp", dim=8).double().train()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    y = m(x)
+    y.mul_(2)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    x2 = x.detach().requires_grad_()
+    torch.testing.assert_close(g, torch.autograd.grad((2 * _plain_mlp(m, x2)).sum(), x2)[0], atol=1e-12, rtol=0)
+    lm = formers.create_model("lm", vocab=20, dim=16, depth=2, max_len=8).double().train()
+    ids = torch.randint(0, 20, (2, 8))
+    want = lm(ids).detach()
+    h = lm.stack.blocks[0].register_forward_hook(lambda mod, a, out: out.__setitem__((slice(None), 0), 0.0))
+    patched = lm(ids)
+    patched.sum().backward()  # through the in-place write
+    h.remove()
+    assert not torch.allclose(patched[:, 1:], want[:, 1:])  # the patch reached the later positions
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
+def test_fused_mlp_node_under_forward_ad_and_batched_gradients():
+    """The fused GELU + fc2 node has no jvp: under forward-mode AD the MLP takes the plain path (the tangent equals
+    the plain formula's); batched gradients (is_grads_batched, vmap over the backward) equal one backward each."""
+    import torch.autograd.forward_ad as fwAD
+
+    torch.manual_seed(0)
+    m = formers.build("ffn", "mlp", dim=8).double().train()
+    x, t = torch.randn(2, 3, 8, dtype=torch.float64), torch.randn(2, 3, 8, dtype=torch.float64)
+    with fwAD.dual_level():
+        ours = fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent
+        ref = fwAD.unpack_dual(_plain_mlp(m, fwAD.make_dual(x, t))).tangent
+    torch.testing.assert_close(ours, ref, atol=1e-12, rtol=0)
+    xg = x.clone().requires_grad_()
+    y = m(xg)
+    gs = torch.randn(4, *y.shape, dtype=torch.float64)
+    (batched,) = torch.autograd.grad(y, xg, gs, is_grads_batched=True, retain_graph=True)
+    for i in range(4):
+        torch.testing.assert_close(batched[i], torch.autograd.grad(y, xg, gs[i], retain_graph=True)[0], atol=1e-12,
+                                   rtol=0)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_a_hooked_dropout_at_p0_is_called(grad):
+    """A dropout at p = 0 is skipped as the identity only while nothing is attached to it: a forward hook (or a
+    replaced forward) on the MLP's output dropout or a block's sublayer dropout runs, with and without autograd."""
+    torch.manual_seed(0)
+    m = formers.build("ffn", "mlp", dim=8).eval()
+    x = torch.randn(2, 3, 8)
+    m.drop.register_forward_hook(lambda mod, a, out: torch.zeros_like(out))
+    with torch.set_grad_enabled(grad):
+        assert not m(x).any()
+    lm = formers.create_model("lm", vocab=20, dim=16, depth=1, max_len=8).eval()
+    pre = lm.stack.blocks[0].ffn
+    h = torch.randn(2, 8, 16)
+    pre.drop.forward = lambda u: torch.zeros_like(u)
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(pre(h), h)  # the sublayer's update dropped whole: x + 0
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
+def test_vmap_over_feed_forward_weights_only_without_autograd():
+    """torch.func.vmap over a batch of fc2 weights with one unbatched input, without autograd: the residual (not
+    batched) is not written in place by the batched update; each member equals its own forward."""
+    from torch.func import functional_call, vmap
+
+    torch.manual_seed(0)
+    lm = formers.create_model("lm", vocab=40, dim=32, depth=1, max_len=64).eval()
+    x = torch.randn(2, 5, 32)
+    p = {k: v.detach() for k, v in lm.stack.named_parameters()}
+    names = ["blocks.0.ffn.fn.fc2.weight", "blocks.0.ffn.fn.fc2.bias"]
+    batched = {k: p[k] + 0.01 * torch.randn(3, *p[k].shape) for k in names}
+    with torch.no_grad():
+        y = vmap(lambda q, x: functional_call(lm.stack, q, (x,)), in_dims=(0, None))(batched, x)
+        for i in range(3):
+            torch.testing.assert_close(y[i], functional_call(lm.stack, {k: v[i] for k, v in batched.items()}, (x,)),
+                                       atol=1e-5, rtol=1e-5)
 
 
 # ------------------------------------------------------------- encoder: only the cls token's row of the last block
@@ -1126,6 +1286,7 @@ def test_block_causal_higher_order_gradients_raise():
                                rtol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap fallback
 def test_block_causal_batched_gradients_equal_a_loop():
     """`is_grads_batched=True` (vmap over the backward: what `jacobian(vectorize=True)` uses) through the kernel gives
     each vector's gradient, as one backward per vector does."""

@@ -114,14 +114,30 @@ class LM(SequenceModel):
         sequence is recomputed (the reference the tests compare against)."""
         if idx.dim() == 1:
             idx = idx[None]
+        if idx.dim() != 2 or idx.shape[1] == 0:
+            raise FormersError(f"generate: expected a prompt of token ids (batch, length >= 1), got shape "
+                               f"{tuple(idx.shape)}")
         if max_new_tokens < 0:
             raise FormersError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
         check_sampling(temperature, top_k, top_p)
-        if getattr(self.position, "kind", "") == "absolute" and idx.shape[1] + max_new_tokens > self.max_len:
-            raise FormersError(f"generating {idx.shape[1] + max_new_tokens} tokens exceeds max_len={self.max_len} "
-                               "of the absolute positions; ask for fewer tokens")
-        was_training = self.training
+        # the model sees the prompt and every generated token but the last: a position table (learned positions)
+        # must hold that many; sinusoids have no end
+        seen, table = idx.shape[1] + max(max_new_tokens - 1, 0), getattr(self.position, "max_len", None)
+        if getattr(self.position, "kind", "") == "absolute" and table is not None and seen > table:
+            raise FormersError(f"generating {idx.shape[1] + max_new_tokens} tokens feeds {seen} to the model, more "
+                               f"than the {table} learned positions (max_len); ask for fewer tokens or use "
+                               "model.position=rope")
+        # evaluation mode for the call, then every module's own mode back (a frozen norm or an MC-dropout layer
+        # keeps its flag), also when generation fails
+        modes = [(m, m.training) for m in self.modules()]
         self.eval()
+        try:
+            return self._generate(idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache, generator)
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def _generate(self, idx, max_new_tokens, temperature, top_k, top_p, greedy, use_cache, generator):
         B, N = idx.shape
         total = N + max_new_tokens
         out = torch.empty(B, total, dtype=torch.long, device=idx.device)  # filled in place, not re-concatenated
@@ -141,7 +157,6 @@ class LM(SequenceModel):
                     logits = decode_step(self, plan, nxt, cache)
                 else:
                     logits = (self(nxt, cache=cache) if use_cache else self(out.narrow(1, 0, t + 1)))[:, -1]
-        self.train(was_training)
         return out
 
 
@@ -164,6 +179,7 @@ def decode_plan(model: LM) -> list[tuple] | None:
     applies them."""
     cls, mods = type(model), list(model.modules())
     if (any(m.training for m in mods) or type(model.stack) is not PlainStack or type(model.embed) is not nn.Embedding
+            or model.embed.max_norm is not None  # decode_step reads the table as it is; the module renormalises rows
             or not hook_free(*mods) or not forward_unpatched(*mods)
             or cls.forward is not LM.forward
             or cls.forward_head is not LM.forward_head  # a subclass's own forward would not be replayed
@@ -213,7 +229,8 @@ def sample(logits: torch.Tensor, *, temperature: float = 1.0, top_k: int | None 
     """Pick one token per row of logits (B, V) -> (B, 1): greedy, or sampling with temperature, top-k, top-p."""
     if greedy or temperature == 0:
         return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
+    # shifted so the largest is 0 before dividing: a tiny temperature then gives -inf, not inf - inf = nan
+    logits = (logits.float() - logits.float().amax(-1, keepdim=True)) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = logits.topk(top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

@@ -8,7 +8,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.nn.hooks import autocast_on, forward_unpatched, functorch_active, hook_free, idle_dropout
+from formers.nn.hooks import (
+    autocast_on,
+    forward_ad_active,
+    forward_unpatched,
+    functorch_active,
+    hook_free,
+    idle_dropout,
+    torch_forward,
+    vmapped,
+)
 from formers.registry import build, register
 
 IN_PLACE_MIN = 1 << 16  # elements of fc1's output from which MLP applies GELU in place (inference)
@@ -25,14 +34,22 @@ class _GeluLinearFn(torch.autograd.Function):
     def forward(ctx, a, w, b, res, approximate: str):
         h = F.gelu(a, approximate=approximate)
         h2 = h.reshape(-1, w.shape[1])
+        # the output is allocated in its own shape and written through a 2-D view of it: a view returned from a
+        # custom Function could not be changed in place afterwards (a user's `y.mul_(2)`, a hook patching rows)
+        out = torch.empty(*a.shape[:-1], w.shape[0], dtype=h.dtype, device=h.device)
+        o2 = out.view(-1, w.shape[0])
         if res is None:
-            out = torch.addmm(b, h2, w.t()) if b is not None else h2.mm(w.t())
+            if b is not None:
+                torch.addmm(b, h2, w.t(), out=o2)
+            else:
+                torch.mm(h2, w.t(), out=o2)
         else:
             r2 = res.reshape(-1, w.shape[0])
-            out = torch.addmm(r2, h2, w.t()) if b is None else (r2 + b).addmm_(h2, w.t())
+            torch.add(r2, b, out=o2) if b is not None else o2.copy_(r2)
+            o2.addmm_(h2, w.t())
         ctx.save_for_backward(a, h2, w)
         ctx.approximate, ctx.has_b, ctx.has_res = approximate, b is not None, res is not None
-        return out.view(*a.shape[:-1], w.shape[0])
+        return out
 
     @staticmethod
     def backward(ctx, dy):
@@ -41,7 +58,8 @@ class _GeluLinearFn(torch.autograd.Function):
         da = dw = db = None
         if ctx.needs_input_grad[0]:
             dh = dy2.mm(w)  # (tokens, hidden), ours alone
-            if torch.is_grad_enabled():  # create_graph: a differentiable backward (out-of-place)
+            if torch.is_grad_enabled() or vmapped(dh):  # create_graph: a differentiable backward; vmap
+                # (is_grads_batched, jacobian(vectorize=True)) has no rule for the out= form: both out of place
                 da = torch.ops.aten.gelu_backward(dh, a.reshape(dh.shape), approximate=ctx.approximate)
             else:
                 da = torch.ops.aten.gelu_backward.grad_input(dh, a.reshape(dh.shape), approximate=ctx.approximate,
@@ -112,7 +130,7 @@ class MLP(nn.Module):
                 return torch.ops.aten.gelu_(h, approximate=self.act.approximate), self.fc2
             return F.gelu(h, approximate=self.act.approximate), self.fc2
         h = self.hidden_drop(self.act(self.fc1(x)))
-        if self.drop.p and not idle_dropout(self.drop):
+        if not idle_dropout(self.drop):  # also at p = 0 when hooked or replaced: the module is called
             return self.drop(self.fc2(h)), None
         return h, self.fc2  # output dropout is the identity in evaluation mode (or p = 0)
 
@@ -122,7 +140,8 @@ class MLP(nn.Module):
         F.gelu and addmm in the input's dtype) and no torch.func transform (the node has no functorch rules)."""
         return (torch.is_grad_enabled() and type(self.fc2) is nn.Linear and self._plain_gelu_no_dropout()
                 and hook_free(self.fc2) and forward_unpatched(self.fc2)
-                and not autocast_on(self.fc2.weight.device.type) and not functorch_active())
+                and not autocast_on(self.fc2.weight.device.type) and not functorch_active()
+                and not forward_ad_active())
 
     def _gelu_in_place(self) -> bool:
         """Without autograd, GELU overwrites fc1's fresh output (from IN_PLACE_MIN elements) instead of allocating
@@ -147,7 +166,7 @@ class MLP(nn.Module):
         a plain nn.Dropout in evaluation mode or at p = 0): the types and modes only, all that the lean inference
         plans ask (formers/blocks.py `block_plan`, which has walked the block for hooks and replaced forwards)."""
         act, hidden, out = self.act, self.hidden_drop, self.drop
-        return (isinstance(act, nn.GELU) and type(act).forward is nn.GELU.forward
+        return (isinstance(act, nn.GELU) and type(act).forward is torch_forward(nn.GELU)
                 and (type(hidden) is nn.Identity or _identity_dropout(hidden))
                 and (not out.p or _identity_dropout(out)))
 

@@ -104,6 +104,24 @@ def functorch_active() -> bool:
     return _functorch_stack is not None and _functorch_stack() is not None
 
 
+def vmapped(t: torch.Tensor) -> bool:
+    """Whether t is being vmapped: under a torch.func transform, or a batched gradient of the older vmap that
+    `autograd.grad(..., is_grads_batched=True)` and `jacobian(vectorize=True)` run the backward under (out= ops
+    have no batching rule there)."""
+    if functorch_active():
+        return True
+    legacy = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+    return legacy is not None and legacy(t)
+
+
+def forward_ad_active() -> bool:
+    """Whether a forward-mode AD level is open (`torch.autograd.forward_ad.dual_level`): custom autograd Functions
+    without a `jvp` must not be used inside one."""
+    from torch.autograd import forward_ad
+
+    return getattr(forward_ad, "_current_level", -1) >= 0
+
+
 def plain_tree(root: nn.Module, evaluating: bool = False, global_checked: bool = False) -> bool:
     """`hook_free` and `forward_unpatched` for a module and everything under it, in one walk over `_modules` (what
     `PreNorm.add_into` asks on every call in inference; `nn.Module.modules()` builds names and a memo set); with
@@ -116,16 +134,45 @@ def plain_tree(root: nn.Module, evaluating: bool = False, global_checked: bool =
         if m is None:  # an empty slot in `_modules`
             continue
         if (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks  # `_hooked`,
-                or "forward" in m.__dict__ or (evaluating and m.training)):  # inline: this runs once per block
+                or "forward" in m.__dict__ or (evaluating and m.training)  # inline: this runs once per block
+                or _class_forward_replaced(m)):
             return False
         todo += m._modules.values()
     return True
 
 
+# The torch modules whose forward formers' fast paths compute inline from their weights, with that forward as torch
+# defines it. A class-level replacement (a quantization or logging wrapper patching nn.Linear.forward, say) turns
+# those paths off; one made before formers was imported is caught by its name (`_TORCH_AS_DEFINED`).
+_INLINED = (nn.Linear, nn.LayerNorm, nn.Embedding, nn.GELU, nn.Dropout, nn.Identity)
+_TORCH_FORWARD = {c: vars(c).get("forward") for c in _INLINED}
+_TORCH_AS_DEFINED = all(getattr(f, "__qualname__", None) == f"{c.__name__}.forward"
+                        and getattr(f, "__module__", "").startswith("torch.nn.") for c, f in _TORCH_FORWARD.items())
+_PATCHED = object()
+
+
+def torch_forward(cls: type) -> object:
+    """nn.Linear.forward (etc.) as torch defines it, to compare `type(m).forward` with; a sentinel nothing equals
+    where the class's forward was replaced before formers was imported."""
+    return _TORCH_FORWARD[cls] if _TORCH_AS_DEFINED else _PATCHED
+
+
+_OWNER: dict[type, type | None] = {}  # module class -> its first base in _INLINED (formers' LayerNorm: nn.LayerNorm)
+
+
+def _class_forward_replaced(m: nn.Module) -> bool:
+    t = type(m)
+    owner = _OWNER.get(t, _PATCHED)
+    if owner is _PATCHED:
+        owner = _OWNER[t] = next((c for c in t.__mro__ if c in _TORCH_FORWARD), None)
+    return owner is not None and (vars(owner).get("forward") is not _TORCH_FORWARD[owner] or not _TORCH_AS_DEFINED)
+
+
 def forward_unpatched(*mods: nn.Module) -> bool:
-    """No module here has its own `forward` set on the instance (accelerate-style wrappers, monkeypatches): a
-    fast path that reads a module's weights instead of calling it must not skip such a replacement."""
-    return not any("forward" in vars(m) for m in mods)
+    """No module here has its own `forward` set on the instance (accelerate-style wrappers, monkeypatches), nor
+    the forward of its torch class replaced (for the classes the fast paths inline: `_INLINED`): a fast path that
+    reads a module's weights instead of calling it must not skip such a replacement."""
+    return not any("forward" in vars(m) or _class_forward_replaced(m) for m in mods)
 
 
 def idle_dropout(m: nn.Module) -> bool:
