@@ -315,7 +315,8 @@ class Block(nn.Module):
         module hooks and no `forward` replaced on an instance anywhere in the block, since the prefix path does not
         call every submodule."""
         mods = list(self.modules())
-        if any(m.training for m in mods) or type(self.attn) is not PreNorm or not forward_unpatched(*mods):
+        if (any(m.training for m in mods) or type(self.attn) is not PreNorm or not forward_unpatched(*mods)
+                or not _prefix_skips_unpatched()):  # a patched Block.forward (say) would not run for this block
             return False
         mixer = self.attn.fn
         if type(mixer) is not SoftmaxAttention or mixer.causal:
@@ -611,6 +612,14 @@ def build_stack(spec: Any, depth: int, make_block: Callable[[int], nn.Module], p
 # every method of the classes whose module path a plan stands in for, as defined: a class-level patch turns plans off
 _ORIGINAL = {(c, k): v for c in (Stack, PlainStack, Block, Placement, PreNorm, AddResidual, SoftmaxAttention, MLP)
              for k, v in vars(c).items() if callable(v) or isinstance(v, (staticmethod, classmethod))}
+
+
+def _prefix_skips_unpatched() -> bool:
+    """The methods the class-token prefix path runs in place of (the stack's and the last block's forward, the
+    attention sublayer's PreNorm.forward, Stack.run) as defined: a class-level patch of one must run."""
+    return all(vars(c).get(k) is _ORIGINAL[(c, k)] for c, k in ((Block, "forward"), (PreNorm, "forward"),
+                                                                 (Stack, "forward"), (Stack, "run"),
+                                                                 (PlainStack, "forward")) if (c, k) in _ORIGINAL)
 
 
 def _classes_unpatched() -> bool:

@@ -174,3 +174,23 @@ def test_compiled_training_at_block_causal_lengths_equals_eager(monkeypatch):
     assert attention._MASKS  # eager training did take the kernel
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_first_compiled_forward_of_a_fresh_process_is_one_graph(monkeypatch):
+    """The fast paths' checks keep a per-class cache; written while Dynamo traced the first forward of a process (the
+    CLI's `train.compile=true`), it broke the graph at every module and PlainStack.forward ran eagerly. With the
+    cache as a fresh process has it, tracing an LM (formers' own LayerNorm, a subclass not in it yet) gives one
+    graph and no break, and leaves the cache as it was."""
+    import torch._dynamo
+
+    from formers.nn import hooks
+
+    fresh = {c: c for c in hooks._INLINED}
+    monkeypatch.setattr(hooks, "_OWNER", fresh)
+    torch._dynamo.reset()
+    lm = formers.create_model("lm", vocab=32, dim=16, depth=2, max_len=16).train()
+    x = torch.randint(0, 32, (2, 16))
+    e = torch._dynamo.explain(lambda t: lm(t).sum())(x)
+    assert (e.graph_count, e.graph_break_count) == (1, 0), [b.reason for b in e.break_reasons]
+    assert hooks._OWNER == {c: c for c in hooks._INLINED}
+    torch._dynamo.reset()

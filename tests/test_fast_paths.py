@@ -365,7 +365,8 @@ def test_vit_class_token_only_equals_all_tokens(kw):
 
 
 @pytest.mark.parametrize("why", ["train", "avg", "rope", "hook", "moe", "temperature", "post", "prepbn", "norm_hook",
-                                 "head_subclass", "mlp_subclass", "patched_forward", "submodule_train"])
+                                 "head_subclass", "mlp_subclass", "patched_forward", "submodule_train",
+                                 "instance_pool", "instance_head", "class_pool", "block_class_patch", "norm_train"])
 def test_vit_class_token_only_is_off_where_it_would_differ(why, monkeypatch):
     """The full stack runs in training, with average pooling, rotary positions, a hook on any module of the last
     block or on the final norm, a token-routing FFN (capacity depends on the token count), a softmax subclass, a
@@ -398,6 +399,17 @@ def test_vit_class_token_only_is_off_where_it_would_differ(why, monkeypatch):
     elif why == "patched_forward":
         fc2 = last.ffn.fn.fc2
         fc2.forward = lambda t: torch.nn.functional.linear(t, fc2.weight, fc2.bias)
+    elif why == "instance_pool":  # a probe on the mean of the patch tokens, set on the instance
+        m.pool = lambda t: t[:, 1:].mean(1)
+    elif why == "instance_head":
+        m.forward_head = lambda t, pre_logits=False: t[:, 1:].mean(1)[:, :5]
+    elif why == "class_pool":  # ViT.pool itself patched (the check once compared the patch with itself)
+        monkeypatch.setattr(ViT, "pool", lambda self, t: t[:, 1:].mean(1))
+    elif why == "block_class_patch":  # Block.forward patched on the class: it must run for the last block too
+        real_forward = Block.forward
+        monkeypatch.setattr(Block, "forward", lambda self, x, **k: real_forward(self, x, **k) * 1.5)
+    elif why == "norm_train":  # the final norm left in training mode (batch statistics would see one row)
+        m.norm.train()
     seen = []
     if why == "hook":
         last.ffn.fn.fc2.register_forward_hook(lambda mod, i, o: seen.append(o.shape))
@@ -685,6 +697,81 @@ def test_vmap_over_feed_forward_weights_only_without_autograd():
                                        atol=1e-5, rtol=1e-5)
 
 
+def _attention_calling_modules(m, x, mask=None):
+    """Self-attention computed by calling m.q, m.kv and m.out as modules (so a replaced forward runs), masks
+    explicit; a query row with no allowed key gives 0 before the output projection."""
+    B, N, _ = x.shape
+    H, Hkv, Dh = m.heads, m.kv_heads, m.head_dim
+    q = m.q(x).reshape(B, N, H, Dh).transpose(1, 2)
+    kv = m.kv(x)
+    k = kv[..., : Hkv * Dh].reshape(B, N, Hkv, Dh).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    v = kv[..., Hkv * Dh:].reshape(B, N, Hkv, Dh).transpose(1, 2).repeat_interleave(H // Hkv, 1)
+    s = q @ k.transpose(-1, -2) * Dh ** -0.5
+    allowed = torch.ones(B, 1, N, N, dtype=torch.bool)
+    if m.causal:
+        allowed = allowed & ~torch.ones(N, N, dtype=torch.bool).triu(1)
+    if mask is not None:
+        allowed = allowed & mask.bool()[:, None, None, :]
+    p = s.masked_fill(~allowed, float("-inf")).softmax(-1).nan_to_num(0.0)
+    return m.out((p @ v).transpose(1, 2).reshape(B, N, H * Dh))
+
+
+@pytest.mark.parametrize("where", ["instance_q", "instance_kv", "class_linear"])
+@pytest.mark.parametrize("grad", [True, False])
+def test_attention_runs_a_replaced_projection_forward(where, grad, monkeypatch):
+    """The fused q/kv projection reads the weights; a forward replaced on q or kv (or on nn.Linear itself) makes it
+    call the modules: the output equals attention computed through them, with and without autograd."""
+    torch.manual_seed(0)
+    m = make(bias=True).eval()
+    x = torch.randn(2, 7, 24, dtype=torch.float64)
+    if where == "class_linear":
+        real = torch.nn.Linear.forward
+        monkeypatch.setattr(torch.nn.Linear, "forward", lambda self, t: real(self, t) * 1.5)
+    else:
+        lin = m.q if where == "instance_q" else m.kv
+        lin.forward = lambda t: torch.nn.functional.linear(t, lin.weight, lin.bias) * 1.5
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(m(x), _attention_calling_modules(m, x), atol=1e-10, rtol=1e-10)
+
+
+def test_attention_mask_and_explicit_path_edge_cases(monkeypatch):
+    """A per-instance score_mod is honoured without explicit=True; ALiBi on the explicit path runs in bfloat16
+    (its float32 bias cast to the scores' dtype); vmap over per-sample key masks (no host read of the empty rows)
+    equals a loop; a key mask given as a list, or a float mask that is not 0/1 (an additive one, which would read
+    inverted), is a one-line error."""
+    from torch.func import vmap
+
+    from formers.registry import FormersError
+
+    torch.manual_seed(0)
+    m = make().eval()
+    x = torch.randn(2, 5, 24, dtype=torch.float64)
+    base = m(x)
+    m.score_mod = lambda s: s * 0.0  # uniform attention over the allowed keys
+    assert not torch.allclose(m(x), base)
+    del m.score_mod
+    lm = formers.create_model("lm", vocab=40, dim=32, depth=1, max_len=16, position="alibi",
+                              block={"mixer": {"name": "softmax", "heads": 4, "explicit": True}})
+    ids = torch.randint(0, 40, (2, 9))
+    ref = lm(ids).detach()
+    torch.testing.assert_close(lm.to(torch.bfloat16)(ids).float(), ref, atol=0.1, rtol=0.05)
+    masks = torch.ones(3, 2, 5, dtype=torch.bool)
+    masks[1, 0, 3:] = False
+    masks[2, 1, :] = False  # a batch item with no key at all
+    mb = make(causal=False).eval()
+    with torch.no_grad():
+        y = vmap(lambda mk: mb(x, mask=mk))(masks)
+        for i in range(3):
+            torch.testing.assert_close(y[i], mb(x, mask=masks[i]), atol=1e-12, rtol=0)
+    with pytest.raises(FormersError, match="must be a tensor"):
+        mb(x, mask=[[1] * 5] * 2)
+    additive = torch.zeros(2, 5, dtype=torch.float64)
+    additive[0, 3:] = float("-inf")
+    with pytest.raises(FormersError, match="additive mask"):
+        mb(x, mask=additive)
+    torch.testing.assert_close(mb(x, mask=(additive == 0).double()), mb(x, mask=additive == 0))
+
+
 # ------------------------------------------------------------- encoder: only the cls token's row of the last block
 
 def _encoder(**kw):
@@ -719,7 +806,8 @@ def test_encoder_cls_only_last_block_equals_all_tokens(monkeypatch):
     assert calls == [(4, 21, 32)] * 3 + [(1, 2, 32)]  # cls + 20 tokens; cls + 1 token
 
 
-@pytest.mark.parametrize("why", ["train", "mean", "rope", "alibi", "dual", "norm_hook"])
+@pytest.mark.parametrize("why", ["train", "mean", "rope", "alibi", "dual", "norm_hook", "instance_head",
+                                 "instance_features", "norm_train"])
 def test_encoder_cls_only_is_off_where_it_does_not_apply(why, monkeypatch):
     from formers.blocks import Block
 
@@ -733,6 +821,13 @@ def test_encoder_cls_only_is_off_where_it_does_not_apply(why, monkeypatch):
         idx = torch.randint(0, 50, (2, 10))
     if why == "train":
         m.train()
+    elif why == "instance_head":  # a probe on the mean of every token, set on the instance
+        m.forward_head = lambda t, pre_logits=False, mask=None: t.mean(1)[:, :3]
+    elif why == "instance_features":  # a wrapper that does not take the shortcut's keyword
+        real = m.forward_features
+        m.forward_features = lambda idx, mask=None: real(idx, mask=mask) * 2.0
+    elif why == "norm_train":
+        m.norm.train()
     seen = []
     if why == "norm_hook":
         m.norm.register_forward_hook(lambda *a: seen.append(1))
@@ -1657,4 +1752,6 @@ def test_lean_blocks_leave_a_key_mask_of_the_wrong_shape_to_the_module_path():
     """The module path's one-line error, not a lean one."""
     m = _encoder(pool="mean")
     with torch.no_grad(), pytest.raises(formers.registry.FormersError, match="attention mask must have shape"):
-        m.forward_features(torch.randint(0, 50, (2, 9)), mask=torch.ones(2, 10, dtype=torch.bool))
+        m.stack(torch.randn(2, 9, 32), mask=torch.ones(2, 10, dtype=torch.bool))  # the lean stack, called directly
+    with torch.no_grad(), pytest.raises(formers.registry.FormersError, match="mask must have shape"):
+        m.forward_features(torch.randint(0, 50, (2, 9)), mask=torch.ones(2, 10, dtype=torch.bool))  # the model's

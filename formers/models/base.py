@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from formers.blocks import Block, build_stack, layer_specs
-from formers.nn.attention import KVCache
+from formers.nn.attention import KVCache, check_key_mask
 from formers.nn.hooks import clear_aux
 from formers.registry import FormersError, build
 
@@ -70,6 +70,8 @@ class SequenceModel(nn.Module):
             raise FormersError(f"expected integer token ids of shape (batch, length), got {tuple(idx.shape)} "
                                f"{idx.dtype}")
         offset = cache[0].length if cache else 0
+        if mask is not None:  # keys: the cached ones and these
+            check_key_mask(mask, idx.shape[0], offset + idx.shape[1], "mask")
         clear_aux(self)  # auxiliary losses describe this forward pass only
         x = self.embed(idx)  # (B, N, D)
         if getattr(self.position, "kind", "") == "absolute":

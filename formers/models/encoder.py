@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from formers.models.base import SequenceModel
+from formers.nn.attention import check_key_mask
 from formers.nn.hooks import clear_aux
 from formers.nn.packed import check_seqlens, pack, positions_in_sequence, sequence_ids, unpack
 from formers.registry import FormersError, register
@@ -64,6 +65,7 @@ class Encoder(SequenceModel):
         clear_aux(self)  # auxiliary losses describe this forward pass only
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.embed(idx)], dim=1)  # (B, 1 + N, D)
         if mask is not None:
+            check_key_mask(mask, B, idx.shape[-1], "mask")
             mask = torch.cat([torch.ones(B, 1, dtype=torch.bool, device=mask.device), mask.bool()], dim=1)
         if getattr(self.position, "kind", "") == "absolute":
             x = self.position(x, 0)
@@ -77,16 +79,13 @@ class Encoder(SequenceModel):
         positions (the prefix path's attention takes none), a plain stack whose last block allows it
         (`Block.prefix_ok`), the encoder's own forward methods, no hooks or replaced forward on the stack or norm."""
         from formers.blocks import PlainStack
-        from formers.nn.hooks import forward_unpatched, hook_free
+        from formers.nn.hooks import methods_as_defined, plain_tree
 
         if self.training or self.cls_token is None or self._relative_positions() is not None:
             return False
-        cls = type(self)
-        if (cls.forward_features is not Encoder.forward_features or cls.forward_head is not Encoder.forward_head
-                or cls.forward is not Encoder.forward):
+        if not methods_as_defined(self, Encoder, _ENCODER_METHODS):  # a subclass's, patch's or instance's own
             return False
-        return (type(self.stack) is PlainStack and self.stack.prefix_ok() and hook_free(self.norm)
-                and forward_unpatched(self.norm))
+        return type(self.stack) is PlainStack and self.stack.prefix_ok() and plain_tree(self.norm, evaluating=True)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False, mask: torch.Tensor | None = None):
         if self.level == "sequence":
@@ -187,6 +186,9 @@ class Encoder(SequenceModel):
         w = self.head.weight
         self.head = nn.Linear(self.dim, num_classes, device=w.device, dtype=w.dtype)
         self.num_classes = num_classes
+
+
+_ENCODER_METHODS = {k: vars(Encoder)[k] for k in ("forward", "forward_features", "forward_head")}  # as defined
 
 
 @register("model", "dual_encoder", paper="P29")

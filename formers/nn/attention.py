@@ -115,6 +115,19 @@ class KVCache:
         self.length += n
 
 
+def check_key_mask(mask, batch: int, keys: int, what: str = "attention mask") -> None:
+    """A key mask (batch, keys), True or 1 = may attend, else a one-line FormersError: not a tensor, another shape,
+    or a float mask with values other than 0 and 1 (an additive mask, 0 = keep and -inf = pad, would read inverted:
+    pass `mask == 0`)."""
+    if not isinstance(mask, torch.Tensor):
+        raise FormersError(f"{what} must be a tensor (batch, keys) of True/1 = may attend, got {type(mask).__name__}")
+    if mask.shape != (batch, keys):
+        raise FormersError(f"{what} must have shape (batch, keys) = ({batch}, {keys}), got {tuple(mask.shape)}")
+    if mask.dtype.is_floating_point and bool(((mask != 0) & (mask != 1)).any()):
+        raise FormersError(f"{what} is read as True/1 = may attend; a float mask must hold only 0 and 1 (an "
+                           "additive mask of 0 = keep and -inf = pad would read inverted: pass `mask == 0`)")
+
+
 def attention_mask(nq: int, nk: int, *, causal: bool, past: int = 0, key_mask: torch.Tensor | None = None,
                    device=None) -> torch.Tensor | None:
     """Boolean mask (B or 1, 1, Nq, Nk), True = may attend; query i sits at absolute position past + i.
@@ -273,8 +286,8 @@ def masked_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torc
 def zero_empty_rows(y: torch.Tensor, empty: torch.Tensor | None) -> torch.Tensor:
     """Attention outputs y (B, H, Nq, Dh) with the query rows that have no key to attend (`empty`, from
     `SoftmaxAttention._allowed`) set to zero; on a GPU the fill costs less than the host reading `empty.any()`."""
-    if empty is not None and (y.device.type != "cpu" or bool(empty.any())):
-        y = y.masked_fill(empty, 0.0)
+    if empty is not None and (y.device.type != "cpu" or functorch_active() or bool(empty.any())):
+        y = y.masked_fill(empty, 0.0)  # (under vmap the host cannot read `empty`: filled always)
     return y
 
 
@@ -339,7 +352,7 @@ class SoftmaxAttention(nn.Module):
     def _needs_explicit(self) -> bool:
         cls = type(self)
         return (self.explicit or cls.score_mod is not SoftmaxAttention.score_mod
-                or cls.probs is not SoftmaxAttention.probs)
+                or cls.probs is not SoftmaxAttention.probs or "score_mod" in self.__dict__ or "probs" in self.__dict__)
 
     def forward(self, x: torch.Tensor, *, mask: torch.Tensor | None = None, positions=None,
                 cache: KVCache | None = None, context: torch.Tensor | None = None,
@@ -382,8 +395,8 @@ class SoftmaxAttention(nn.Module):
         if cache is not None and own:
             k, v = cache.update(k, v)  # (B, Hkv, past + N, Dh)
         Nk = k.shape[2]
-        if mask is not None and mask.shape != (B, Nk):
-            raise FormersError(f"attention mask must have shape (batch, keys) = ({B}, {Nk}), got {tuple(mask.shape)}")
+        if mask is not None:
+            check_key_mask(mask, B, Nk)
 
         drop = self.dropout if self.training else 0.0
         # query i sits at position past + i and sees keys 0..past + i: with Nk <= past + 1 (a decoding step, one
@@ -441,7 +454,8 @@ class SoftmaxAttention(nn.Module):
         path does not call them."""
         q, kv = self.q, self.kv
         return (type(self).project is SoftmaxAttention.project and "project" not in self.__dict__
-                and type(q) is nn.Linear and type(kv) is nn.Linear and hook_free(q, kv))
+                and type(q) is nn.Linear and type(kv) is nn.Linear and hook_free(q, kv)
+                and forward_unpatched(q, kv))  # a forward replaced on them (or on nn.Linear) must run
 
     def _fused_qkv(self, x: torch.Tensor, kv_bias: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Self-attention q (B, H, N, Dh), k, v (B, Hkv, N, Dh), equal to `project` (the tests compare values and
@@ -476,8 +490,8 @@ class SoftmaxAttention(nn.Module):
 
     def _explicit(self, q, k, v, allowed, bias, drop):
         scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, Nq, Nk)
-        if bias is not None:
-            scores = scores + bias
+        if bias is not None:  # (ALiBi's is float32: in the scores' dtype, as masked_sdpa does)
+            scores = scores + bias.to(scores.dtype)
         scores = self.score_mod(scores)
         attn = F.dropout(self.probs(scores, allowed), p=drop, training=drop > 0)
         return attn @ v  # (B, H, Nq, Dh)

@@ -157,15 +157,20 @@ def torch_forward(cls: type) -> object:
     return _TORCH_FORWARD[cls] if _TORCH_AS_DEFINED else _PATCHED
 
 
-_OWNER: dict[type, type | None] = {}  # module class -> its first base in _INLINED (formers' LayerNorm: nn.LayerNorm)
+# module class -> its first base in _INLINED (formers' LayerNorm: nn.LayerNorm), filled outside torch.compile
+# tracing only (a dict written while Dynamo traces broke the graph at every module on a first compiled call)
+_OWNER: dict[type, type | None] = {c: c for c in _INLINED}
 
 
 def _class_forward_replaced(m: nn.Module) -> bool:
     t = type(m)
     owner = _OWNER.get(t, _PATCHED)
     if owner is _PATCHED:
-        owner = _OWNER[t] = next((c for c in t.__mro__ if c in _TORCH_FORWARD), None)
-    return owner is not None and (vars(owner).get("forward") is not _TORCH_FORWARD[owner] or not _TORCH_AS_DEFINED)
+        owner = next((c for c in t.__mro__ if c in _TORCH_FORWARD), None)
+        if not torch.compiler.is_compiling():
+            _OWNER[t] = owner
+    return owner is not None and (owner.__dict__.get("forward") is not _TORCH_FORWARD[owner]
+                                  or not _TORCH_AS_DEFINED)
 
 
 def forward_unpatched(*mods: nn.Module) -> bool:
@@ -173,6 +178,15 @@ def forward_unpatched(*mods: nn.Module) -> bool:
     the forward of its torch class replaced (for the classes the fast paths inline: `_INLINED`): a fast path that
     reads a module's weights instead of calling it must not skip such a replacement."""
     return not any("forward" in vars(m) or _class_forward_replaced(m) for m in mods)
+
+
+def methods_as_defined(obj: nn.Module, base: type, original: dict) -> bool:
+    """Whether obj runs `base`'s methods named in `original` ({name: the function as `base` defined it, taken at
+    import}): neither its class (a subclass override, or `base` itself patched) nor the instance replaces one. A
+    fast path that stands in for a chain of those methods (e.g. a model's features, pooling and head) must not
+    skip a replacement."""
+    t = type(obj)
+    return all(getattr(t, k, None) is f and k not in obj.__dict__ for k, f in original.items())
 
 
 def idle_dropout(m: nn.Module) -> bool:

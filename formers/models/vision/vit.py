@@ -39,7 +39,7 @@ from torch import nn
 from formers.blocks import Block, PlainStack, build_stack, is_row_wise, layer_specs, merge_spec
 from formers.models.vision.base import DropPath, LayerScale, VisionModel, drop_path_rates
 from formers.models.vision.vit_options import TokenAwareAvgPool, ats_schedule, check_loop, install_tap, run_blocks
-from formers.nn.hooks import clear_aux, forward_unpatched, hook_free
+from formers.nn.hooks import clear_aux, methods_as_defined, plain_tree
 from formers.nn.vision import LearnedPosition2d, PatchEmbed, RotaryPosition2d, SinCosPosition2d
 from formers.registry import FormersError, build, get, register, split_spec
 
@@ -209,12 +209,11 @@ class ViT(VisionModel):
         Blocks without ATS/TAP or rotary positions, a last block that allows it, no hooks on the stack or norm."""
         if self.training or self.global_pool != "token" or self.ats or self.tap_scales > 1 or self.pos_kind == "rope":
             return False
-        cls = type(self)  # a subclass's own features or pooling would not see the shortened last block
-        if (cls.forward_features is not ViT.forward_features or cls.pool is not ViT.pool
-                or cls.forward_head is not ViT.forward_head):
-            return False
-        return (type(self.stack) is PlainStack and self.stack.prefix_ok() and hook_free(self.norm)
-                and forward_unpatched(self.norm))
+        # a subclass's, a patched class's or an instance's own features, pooling or head would not see the
+        # shortened last block
+        if not methods_as_defined(self, ViT, _VIT_METHODS):
+            return False  # the final norm: no hooks or replacement, in evaluation (batch statistics: every row)
+        return type(self.stack) is PlainStack and self.stack.prefix_ok() and plain_tree(self.norm, evaluating=True)
 
     def forward_features(self, x: torch.Tensor, last_rows: int | None = None) -> torch.Tensor:
         """Images (B, C, H, W) -> tokens (B, prefix + (H/p)(W/p), D) after the final norm (if any); with ATS,
@@ -334,6 +333,9 @@ def vit_ats_tiny(num_classes: int = 10, in_chans: int = 1, img_size: int = 28, d
     return ViT(img_size=img_size, patch_size=4, in_chans=in_chans, num_classes=num_classes, dim=96, depth=6,
                heads=3, class_token=True, global_pool="token", drop_path=drop_path,
                ats_blocks=[2, 3, 4, 5] if ats_blocks is None else ats_blocks, ats_tokens=ats_tokens)
+
+
+_VIT_METHODS = {k: vars(ViT)[k] for k in ("forward_features", "pool", "forward_head")}  # as defined, for the shortcut
 
 
 @register("model", "vit_small_patch16_224_ats", paper="P40")
