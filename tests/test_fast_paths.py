@@ -772,6 +772,24 @@ def test_attention_mask_and_explicit_path_edge_cases(monkeypatch):
     torch.testing.assert_close(mb(x, mask=(additive == 0).double()), mb(x, mask=additive == 0))
 
 
+def test_model_key_mask_during_chunked_prefill_may_cover_the_chunk_only():
+    """With a cache, the model's mask check takes a mask over the new keys alone or over every key, and leaves the
+    choice to the mixers: linear attention takes either (the cached keys are folded into its state), equal when the
+    cached part of the full mask is all True."""
+    torch.manual_seed(0)
+    lm = formers.create_model("lm", vocab=40, dim=32, depth=2, max_len=32, block={"mixer": {"name": "linear"}}).eval()
+    ids = torch.randint(0, 40, (2, 8))
+    chunk = torch.ones(2, 4, dtype=torch.bool)
+    chunk[1, 3] = False
+    outs = []
+    for mask in (chunk, torch.cat([torch.ones(2, 4, dtype=torch.bool), chunk], 1)):
+        cache = lm.new_cache()
+        with torch.no_grad():
+            lm(ids[:, :4], cache=cache)
+            outs.append(lm(ids[:, 4:], cache=cache, mask=mask))
+    torch.testing.assert_close(outs[0], outs[1])
+
+
 # ------------------------------------------------------------- encoder: only the cls token's row of the last block
 
 def _encoder(**kw):

@@ -70,8 +70,9 @@ class SequenceModel(nn.Module):
             raise FormersError(f"expected integer token ids of shape (batch, length), got {tuple(idx.shape)} "
                                f"{idx.dtype}")
         offset = cache[0].length if cache else 0
-        if mask is not None:  # keys: the cached ones and these
-            check_key_mask(mask, idx.shape[0], offset + idx.shape[1], "mask")
+        if mask is not None:  # keys: these, or with a cache these and the cached ones (the mixers take their own)
+            N = idx.shape[1]
+            check_key_mask(mask, idx.shape[0], (N, offset + N) if offset else N, "mask")
         clear_aux(self)  # auxiliary losses describe this forward pass only
         x = self.embed(idx)  # (B, N, D)
         if getattr(self.position, "kind", "") == "absolute":

@@ -115,14 +115,17 @@ class KVCache:
         self.length += n
 
 
-def check_key_mask(mask, batch: int, keys: int, what: str = "attention mask") -> None:
-    """A key mask (batch, keys), True or 1 = may attend, else a one-line FormersError: not a tensor, another shape,
-    or a float mask with values other than 0 and 1 (an additive mask, 0 = keep and -inf = pad, would read inverted:
-    pass `mask == 0`)."""
+def check_key_mask(mask, batch: int, keys: int | tuple[int, ...], what: str = "attention mask") -> None:
+    """A key mask (batch, keys), True or 1 = may attend, else a one-line FormersError: not a tensor, another shape
+    (`keys`: the key count, or the counts allowed, e.g. with a cache the new keys alone or all of them, as some
+    mixers take either), or a float mask with values other than 0 and 1 (an additive mask, 0 = keep and -inf =
+    pad, would read inverted: pass `mask == 0`)."""
     if not isinstance(mask, torch.Tensor):
         raise FormersError(f"{what} must be a tensor (batch, keys) of True/1 = may attend, got {type(mask).__name__}")
-    if mask.shape != (batch, keys):
-        raise FormersError(f"{what} must have shape (batch, keys) = ({batch}, {keys}), got {tuple(mask.shape)}")
+    counts = (keys,) if isinstance(keys, int) else keys
+    if mask.dim() != 2 or mask.shape[0] != batch or mask.shape[1] not in counts:
+        want = " or ".join(f"({batch}, {n})" for n in counts)
+        raise FormersError(f"{what} must have shape (batch, keys) = {want}, got {tuple(mask.shape)}")
     if mask.dtype.is_floating_point and bool(((mask != 0) & (mask != 1)).any()):
         raise FormersError(f"{what} is read as True/1 = may attend; a float mask must hold only 0 and 1 (an "
                            "additive mask of 0 = keep and -inf = pad would read inverted: pass `mask == 0`)")
