@@ -197,6 +197,16 @@ def save_row(path: Path, meta_: dict[str, Any], row: dict[str, Any], key: tuple[
     return rows
 
 
+def check_names(given, known, prog: str, what: str) -> None:
+    """A one-line FormersError for the first of `given` that is not in `known` (a benchmark's rows, oracles, ...),
+    listing the known ones; checked before any timing."""
+    from formers.registry import FormersError
+
+    for n in given:
+        if n not in known:
+            raise FormersError(f"{prog}: unknown {what} '{n}'; {what}s: {', '.join(known)}")
+
+
 def out_path(arg: str, name: str, prog: str) -> Path:
     """A benchmark's `--out`: a .json file, or a folder (existing, or named without a suffix) that gets `name`.
     Refused in one line before any timing: another suffix, or a parent that is a file."""

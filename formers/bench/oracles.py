@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from formers.bench.harness import meta, out_path, replace_section, save
+from formers.bench.harness import check_names, meta, out_path, replace_section, save
 from formers.bench.speed import BATCH, SEQ, VOCAB, TrainStep, formers_lm, interleaved, same_as_xt, xt_lm
 from formers.registry import FormersError
 
@@ -231,10 +231,11 @@ def build_sides(names: list[str], *, batch: int = BATCH, seq: int = SEQ, vocab: 
         p = xt_lm(max_len=seq, flash=True, vocab=vocab, **kw)
         same_as_xt(base, p, "step_oracles lm")
         sides["peer"] = TrainStep(p, batch, seq, vocab)
-    layers = sum(1 for _ in base.modules() if type(_).__name__ == "MLP")
+    from formers.nn.ffn import MLP
+
+    layers = sum(isinstance(m, MLP) for m in base.modules())
+    check_names(names, ORACLES, "step_oracles", "oracle")
     for n in names:
-        if n not in ORACLES:
-            raise FormersError(f"step_oracles: unknown oracle '{n}'; oracles: {', '.join(ORACLES)}")
         m = formers_lm(max_len=seq, vocab=vocab, **model_over)
         m.load_state_dict(base.state_dict())
         s = OracleStep(ORACLES[n], m, batch, seq, vocab)
@@ -341,9 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--glibc-default", action="store_true",
                     help="leave glibc's malloc thresholds as they are (page faults then vary between sides)")
     a = ap.parse_args(argv)
-    for n in a.oracles:
-        if n not in ORACLES:
-            raise FormersError(f"step_oracles: unknown oracle '{n}'; oracles: {', '.join(ORACLES)}")
+    check_names(a.oracles, ORACLES, "step_oracles", "oracle")
     if a.reps < 1 or a.steps < 1:
         raise FormersError("step_oracles: --reps and --steps must be >= 1")
     out = out_path(a.out, "step_oracles.json", "step_oracles")  # before any timing

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from formers.bench.harness import device_sync, meta, minor_faults, out_path, save
+from formers.bench.harness import check_names, device_sync, meta, minor_faults, out_path, save
 from formers.registry import FormersError
 
 VOCAB, DIM, DEPTH, HEADS, SEQ, BATCH = 256, 256, 4, 4, 256, 8
@@ -951,9 +951,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", default=None, help="README to update between its speed markers "
                     "(default: README.md when writing results/peers_speed.json)")
     a = ap.parse_args(argv)
-    for r in a.rows:
-        if r not in ROWS:
-            raise FormersError(f"bench speed: unknown row '{r}'; rows: {', '.join(ROWS)}")
+    check_names(a.rows, ROWS, "bench speed", "row")
     if a.reps < 1 or a.steps < 1:
         raise FormersError("bench speed: --reps and --steps must be >= 1 (the issue asks for >= 7 repetitions)")
     device = resolve_device(a.device)
