@@ -1,20 +1,23 @@
-"""Causal attention for CPU training (issue 10): formers' `BlockCausalAttention` against SDPA's CPU flash kernel.
+"""Causal attention for CPU training (issue 10): formers' `BlockCausalAttention` against SDPA's CPU flash kernel,
+with its C++ kernel (formers/csrc, where it builds) and with its PyTorch body (`FORMERS_CPU_KERNELS=0`).
 
     python benchmarks/attention_blocks.py [--reps 21] [--out results/attention_blocks.json]
 
 For each shape (batch, heads, length, head dim) one forward + backward of causal attention is timed as the model
 runs it: q, k, v are views of one fused QKV projection output (B, N, 3 H Dh), the output is merged back to
 (B, N, H Dh), and the gradient reaches the QKV output. The two sides alternate in every repetition (the order flips
-each time) in one process; the JSON keeps the median time of each and the median of the paired ratios. Both sides
-are first checked equal (outputs and gradients, 1e-4). `CAUSAL_BLOCKS_LEN` in formers/nn/attention.py, the lengths
-at which training takes the block kernel, starts at 256: below that the kernel alone is not clearly faster than SDPA
-(0.93-0.98x at 128-192 tokens in one run, 1.02-1.03x in another), so shorter sequences keep SDPA. Each shape runs
-with the block size training takes there (`causal_block`), or `--block`. Run it on an idle machine.
+each time) in one process; the JSON keeps the median time of each and the median of the paired ratios SDPA / side.
+All sides are first checked equal (outputs and gradients, 1e-4). `CAUSAL_BLOCKS_LEN` in formers/nn/attention.py,
+the lengths at which training takes the block kernel, starts at 256: below that the PyTorch body alone was not
+clearly faster than SDPA (0.93-0.98x at 128-192 tokens in one run, 1.02-1.03x in another), so shorter sequences keep
+SDPA. Each shape runs with the block size training takes there (`causal_block`), or `--block`. Run it on an idle
+machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from formers.bench.harness import meta, out_path, save
+from formers.nn import cpu_kernels
 from formers.nn.attention import BlockCausalAttention, causal_block
 
 SHAPES = [(8, 4, 128, 64), (8, 4, 192, 64), (8, 4, 256, 64), (8, 4, 384, 64), (4, 4, 512, 64), (2, 4, 768, 64),
@@ -35,25 +39,33 @@ def sides(B: int, H: int, N: int, D: int, block: int):
     qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
     g = torch.randn(B, N, H * D)
 
-    def make(blocks: bool):
+    def make(side: str):
         def run(keep: bool = False):
             qkv.grad = None
             q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3 * H, D).split([H, H, H], dim=2))
-            if blocks:
-                y = BlockCausalAttention.apply(q, k, v, D ** -0.5, block)
-            else:
+            # the C++ kernel, or the PyTorch body with it turned off (read by the forward and kept for the backward)
+            os.environ["FORMERS_CPU_KERNELS"] = "0" if side == "blocks" else "1"
+            if side == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                y = BlockCausalAttention.apply(q, k, v, D ** -0.5, block)
+            os.environ.pop("FORMERS_CPU_KERNELS")
             y = y.transpose(1, 2).reshape(B, N, H * D)
             y.backward(g)
             return (y.detach(), qkv.grad.clone()) if keep else None
         return run
 
-    sdpa, ours = make(False), make(True)
-    (y1, g1), (y2, g2) = sdpa(keep=True), ours(keep=True)
-    err = max((y1 - y2).abs().max().item(), (g1 - g2).abs().max().item())
-    if err > 1e-4:
-        raise AssertionError(f"block-causal attention differs from SDPA by {err:.2e} at {(B, H, N, D)}")
-    return {"sdpa": sdpa, "blocks": ours}, err
+    fns = {"sdpa": make("sdpa"), "blocks": make("blocks")}
+    if cpu_kernels.causal_attention() is not None:
+        fns["kernel"] = make("kernel")
+    y1, g1 = fns["sdpa"](keep=True)
+    err = 0.0
+    for name, f in fns.items():
+        y2, g2 = f(keep=True)
+        err = max(err, (y1 - y2).abs().max().item(), (g1 - g2).abs().max().item())
+        if err > 1e-4:
+            raise AssertionError(f"block-causal attention ({name}) differs from SDPA by {err:.2e} at {(B, H, N, D)}")
+    return fns, err
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
                 s = time.perf_counter()
                 fns[n]()
                 t[n].append(time.perf_counter() - s)
-        ratio = statistics.median(a_ / b_ for a_, b_ in zip(t["sdpa"], t["blocks"]))
-        row = {"batch": B, "heads": H, "seq": N, "head_dim": D, "block": block, "max_abs_diff": err,
-               "sdpa_ms": round(statistics.median(t["sdpa"]) * 1e3, 3),
-               "blocks_ms": round(statistics.median(t["blocks"]) * 1e3, 3), "speedup": round(ratio, 3)}
+        row = {"batch": B, "heads": H, "seq": N, "head_dim": D, "block": block, "max_abs_diff": err}
+        line = f"B={B} H={H} N={N:5d} Dh={D:4d}: SDPA {statistics.median(t['sdpa']) * 1e3:7.2f} ms"
+        for n in fns:
+            row[f"{n}_ms"] = round(statistics.median(t[n]) * 1e3, 3)
+            if n != "sdpa":  # the median of the paired ratios SDPA / this side
+                row[f"{n}_speedup"] = round(statistics.median(a_ / b_ for a_, b_ in zip(t["sdpa"], t[n])), 3)
+                line += f"  {n} {row[f'{n}_ms']:7.2f} ms x{row[f'{n}_speedup']:.2f}"
         rows.append(row)
-        print(f"B={B} H={H} N={N:5d} Dh={D:4d}: SDPA {row['sdpa_ms']:7.2f} ms  blocks {row['blocks_ms']:7.2f} ms  "
-              f"x{ratio:.2f}", flush=True)
+        print(line, flush=True)
     save(path, meta("python benchmarks/attention_blocks.py " + " ".join(argv or sys.argv[1:])), rows)
     print(f"wrote {path}")
     return 0

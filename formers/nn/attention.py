@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from formers.nn.hooks import autocast_on, forward_unpatched, functorch_active, hook_free, torch_at_least
+from formers.nn import cpu_kernels
+from formers.nn.hooks import autocast_on, forward_unpatched, functorch_active, hook_free, torch_at_least, vmapped
 from formers.registry import FormersError, register
 
 
@@ -174,9 +175,19 @@ class BlockCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, block: int):
+        ctx.scale, ctx.block = scale, block
+        kern = cpu_kernels.causal_attention() if q.dtype == torch.float32 else None
+        ctx.kernel = kern
+        if kern is not None:  # the same blocks in C++, one (batch, head) pair per thread (formers/csrc)
+            y, P, qkv = kern.forward(q, k, v, scale, block)
+            ctx.save_for_backward(*qkv, P)
+            return y
         B, H, N, D = q.shape
         q3, k3, v3 = (t.reshape(B * H, N, D) for t in (q, k, v))  # one copy each: bmm takes one batch dim
-        y = torch.empty(B, N, H, D, dtype=q.dtype, device=q.device)  # merged-heads layout, as the caller wants
+        # (B, H, N, D) laid out as (B, N, H, D), merged heads as the caller wants; written through the transposed
+        # view, returned itself (no view made inside the Function, so that it may be changed in place)
+        out = torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
+        y = out.transpose(1, 2)
         mask = _causal_mask(block, q.dtype, q.device)
         probs = []
         for s in range(0, N, block):
@@ -190,8 +201,8 @@ class BlockCausalAttention(torch.autograd.Function):
             y[:, s:e] = torch.bmm(p, v3[:, :e]).view(B, H, e - s, D).transpose(1, 2)
             probs.append(p)
         ctx.save_for_backward(q3, k3, v3, *probs)
-        ctx.scale, ctx.block, ctx.heads = scale, block, H
-        return y.transpose(1, 2)
+        ctx.heads = H
+        return out
 
     @staticmethod
     def backward(ctx, dy):
@@ -199,6 +210,11 @@ class BlockCausalAttention(torch.autograd.Function):
             raise RuntimeError("BlockCausalAttention: higher-order gradients through formers' block-causal CPU "
                                "attention are not supported; run the model under `with torch.nn.attention."
                                "sdpa_kernel(torch.nn.attention.SDPBackend.MATH):` for a differentiable backward")
+        if ctx.kernel is not None:
+            q, k, v, P = ctx.saved_tensors
+            if vmapped(dy):  # batched gradients: no data pointer to hand the C++ kernel; the same formulas in ops
+                return (*_causal_backward_from_probs(dy, q, k, v, P, ctx.scale), None, None)
+            return (*ctx.kernel.backward(dy, q, k, v, P, ctx.scale, ctx.block), None, None)
         q, k, v, *probs = ctx.saved_tensors
         scale, block, H = ctx.scale, ctx.block, ctx.heads
         BH, N, D = q.shape
@@ -224,6 +240,17 @@ class BlockCausalAttention(torch.autograd.Function):
         dq = torch.cat(dqs[::-1], 1) if len(dqs) > 1 else dqs[0]
         shape = (BH // H, H, N, D)
         return dq.view(shape), dk.view(shape), dv.view(shape), None, None
+
+
+def _causal_backward_from_probs(dy, q, k, v, P, scale: float):
+    """dq, dk, dv of causal attention from the C++ kernel's kept probabilities P (B * H, N, N), whose columns past
+    each row's block are not written (`tril` keeps the causal part), with whole-square matmuls: for batched
+    gradients (vmap over dy), where the kernel cannot run."""
+    B, H, N, D = q.shape
+    p = P.view(B, H, N, N).tril()
+    dp = dy @ v.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    return scale * ds @ k, scale * ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ dy
 
 
 def causal_block(n: int) -> int:

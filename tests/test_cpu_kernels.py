@@ -1,0 +1,213 @@
+"""The C++ causal-attention kernel (formers/csrc/causal_attention.cpp, loaded by formers.nn.cpu_kernels): values and
+gradients against a naive masked softmax in float64 and against the PyTorch body of `BlockCausalAttention`, across
+layouts, ragged blocks, thread counts and head sizes; the fallbacks (turned off, no compiler, a corrupt cached
+library, batched gradients) and that CPU training at the benchmark's length takes it."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import formers
+from formers.nn import attention, cpu_kernels
+
+KERNEL = cpu_kernels.causal_attention()
+needs_kernel = pytest.mark.skipif(KERNEL is None, reason="the C++ kernel cannot be built here (no g++, or a torch "
+                                  "without MKL; formers then runs the PyTorch path, tested in test_fast_paths.py)")
+
+
+def naive_causal(q, k, v, scale):
+    n = q.shape[-2]
+    s = (q @ k.transpose(-1, -2) * scale).masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    return s.softmax(-1) @ v
+
+
+def _qkv(shape, layout, seed=0):
+    """q, k, v (B, H, N, D) float32 leaves: contiguous, or strided views of one fused (B, N, 3 H D) projection as
+    the attention makes them in training, or with a non-unit last stride (the kernel copies those)."""
+    B, H, N, D = shape
+    g = torch.Generator().manual_seed(seed)
+    if layout == "fused":
+        qkv = torch.randn(B, N, 3 * H, D, generator=g).requires_grad_()
+        return qkv, [t.transpose(1, 2) for t in qkv.split([H, H, H], dim=2)]
+    if layout == "last_strided":
+        base = torch.randn(3, B, H, D, N, generator=g).requires_grad_()
+        return base, list(base.transpose(-1, -2).unbind(0))
+    ts = [torch.randn(*shape, generator=g).requires_grad_() for _ in range(3)]
+    return None, ts
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,block,layout", [
+    ((8, 4, 256, 64), 64, "fused"),  # the speed benchmark's layer
+    ((2, 3, 37, 8), 8, "contiguous"),  # a ragged last block (37 = 4 x 8 + 5)
+    ((1, 1, 5, 3), 2, "contiguous"),  # one pair, odd head size
+    ((2, 2, 40, 8), 64, "fused"),  # one block longer than N
+    ((3, 1, 24, 8), 1, "last_strided"),  # one query per block, copied inputs
+    ((1, 2, 300, 16), 128, "fused"),
+])
+def test_kernel_equals_naive_attention(shape, block, layout):
+    """Output and q, k, v gradients equal a naive masked softmax computed in float64 from the same float32 values,
+    to float32 rounding."""
+    base, (q, k, v) = _qkv(shape, layout)
+    scale = shape[-1] ** -0.5
+    y = attention.BlockCausalAttention.apply(q, k, v, scale, block)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(y, (q, k, v), g)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = naive_causal(q64, k64, v64, scale)
+    want = torch.autograd.grad(ref, (q64, k64, v64), g.double())
+    torch.testing.assert_close(y.double(), ref, atol=2e-6, rtol=1e-5)
+    for a, b, n in zip(got, want, "qkv"):
+        torch.testing.assert_close(a.double(), b, atol=5e-6, rtol=1e-5, msg=f"d{n}")
+
+
+@needs_kernel
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernel_equals_the_pytorch_body(threads, monkeypatch):
+    """With the kernel and with FORMERS_CPU_KERNELS=0 (the PyTorch body) the same inputs give the same output and
+    gradients to float32 rounding, at 1, 2 and 3 threads (3 > pairs per thread on two cores, and one more thread
+    than pairs of one batch row)."""
+    shape = (1, 2, 129, 32)
+    _, (q, k, v) = _qkv(shape, "fused")
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = attention.BlockCausalAttention.apply(q, k, v, 0.2, 64)
+        got = torch.autograd.grad(y, (q, k, v), g)
+        monkeypatch.setenv("FORMERS_CPU_KERNELS", "0")
+        y2 = attention.BlockCausalAttention.apply(q, k, v, 0.2, 64)
+        want = torch.autograd.grad(y2, (q, k, v), g)
+    finally:
+        torch.set_num_threads(old)
+    torch.testing.assert_close(y, y2, atol=1e-6, rtol=1e-5)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_output_is_its_own_tensor_and_inplace_inputs_are_caught():
+    """The output can be changed in place (it is no view of anything autograd keeps), and an input changed in
+    place after the forward makes the backward raise, as for any saved tensor."""
+    _, (q, k, v) = _qkv((1, 2, 16, 4), "contiguous")
+    y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 4)
+    y.mul_(2)
+    y.sum().backward()
+    q2, k2, v2 = (t.detach().clone() for t in (q, k, v))
+    torch.testing.assert_close(y.detach(), 2 * naive_causal(q2, k2, v2, 0.5), atol=2e-6, rtol=1e-5)
+    x = torch.randn(1, 2, 16, 4, requires_grad=True)
+    qq = x * 1  # a non-leaf we can write
+    y = attention.BlockCausalAttention.apply(qq, k, v, 0.5, 4)
+    with torch.no_grad():
+        qq.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+@needs_kernel
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_kernel_batched_gradients_equal_a_loop():
+    """`is_grads_batched=True` runs the backward under vmap, where the kernel has no data pointer: the same
+    formulas in PyTorch ops from its kept probabilities give each vector's gradient."""
+    _, (q, k, v) = _qkv((2, 2, 12, 4), "fused")
+    y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 4)
+    gs = torch.randn(3, *y.shape, generator=torch.Generator().manual_seed(3))
+    batched = torch.autograd.grad(y, (q, k, v), gs, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        for a, b in zip(batched, torch.autograd.grad(y, (q, k, v), gs[i], retain_graph=True)):
+            torch.testing.assert_close(a[i], b, atol=2e-6, rtol=1e-5)
+
+
+@needs_kernel
+def test_lm_training_at_the_benchmark_length_takes_the_kernel(monkeypatch):
+    """A float32 LM forward and backward at 256 tokens runs the C++ kernel in every layer, and its loss and
+    gradients equal those of the same step through SDPA (the block path turned off) to float32 rounding."""
+    calls = []
+    real = cpu_kernels.CausalAttentionKernel.forward
+    monkeypatch.setattr(cpu_kernels.CausalAttentionKernel, "forward", lambda *a: calls.append(1) or real(*a))
+
+    def step(blocks):
+        monkeypatch.setattr(attention, "CAUSAL_BLOCKS_LEN", (256, 768) if blocks else (0, -1))
+        torch.manual_seed(0)
+        lm = formers.create_model("lm", vocab=64, dim=32, depth=2, max_len=256,
+                                  block={"mixer": {"name": "softmax", "heads": 2}}).train()
+        ids = torch.randint(0, 64, (2, 257))
+        loss = torch.nn.functional.cross_entropy(lm(ids[:, :-1]).reshape(-1, 64), ids[:, 1:].reshape(-1))
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in lm.named_parameters()}
+
+    l1, g1 = step(True)
+    assert len(calls) == 2
+    l2, g2 = step(False)
+    assert len(calls) == 2
+    assert abs(l1 - l2) < 1e-5
+    for n in g1:
+        torch.testing.assert_close(g1[n], g2[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+@pytest.fixture
+def fresh_kernels(monkeypatch, tmp_path):
+    """An empty kernel cache and no loaded kernel; restored afterwards."""
+    monkeypatch.setenv("FORMERS_KERNEL_CACHE", str(tmp_path / "kernels"))
+    saved = dict(cpu_kernels._LOADED), set(cpu_kernels._WARNED)
+    cpu_kernels.reset()
+    yield tmp_path / "kernels"
+    cpu_kernels.reset()
+    cpu_kernels._LOADED.update(saved[0])
+    cpu_kernels._WARNED.update(saved[1])
+
+
+def test_turned_off_gives_the_pytorch_path(monkeypatch):
+    """FORMERS_CPU_KERNELS=0 turns the kernel off at any time, with no warning, and the attention still equals the
+    naive one."""
+    monkeypatch.setenv("FORMERS_CPU_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.causal_attention() is None
+        _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
+        y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 8)
+    torch.testing.assert_close(y, naive_causal(q, k, v, 0.5), atol=2e-6, rtol=1e-5)
+
+
+def test_no_compiler_warns_once_and_falls_back(fresh_kernels, monkeypatch):
+    """With a compiler that does not exist the kernel is None after one RuntimeWarning naming the cause, nothing
+    is left in the cache, and training still runs (the PyTorch path)."""
+    monkeypatch.setenv("CXX", "/nonexistent/g++")
+    with pytest.warns(RuntimeWarning, match="not in use") as rec:
+        assert cpu_kernels.causal_attention() is None
+    if cpu_kernels._why_not() is None:
+        assert "no C++ compiler" in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.causal_attention() is None
+        _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
+        y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 8)
+    torch.testing.assert_close(y, naive_causal(q, k, v, 0.5), atol=2e-6, rtol=1e-5)
+    assert not fresh_kernels.exists() or not any(fresh_kernels.iterdir())
+
+
+@needs_kernel
+def test_a_corrupt_cached_library_is_rebuilt(fresh_kernels):
+    """A cached library that is not one (truncated, overwritten) is replaced by a fresh build, not loaded or kept;
+    a failed compilation leaves no partial file."""
+    path = cpu_kernels._build("causal_attention")
+    path.write_bytes(b"not a shared library")
+    cpu_kernels.reset()
+    kern = cpu_kernels.causal_attention()
+    assert kern is not None
+    assert path.read_bytes()[:4] == b"\x7fELF"
+    assert [p.name for p in fresh_kernels.iterdir()] == [path.name]
+
+
+def test_build_failure_leaves_nothing(fresh_kernels, monkeypatch, tmp_path):
+    """A compiler that fails raises a one-line error naming it and leaves no file in the cache."""
+    fake = tmp_path / "bad-cxx"
+    fake.write_text("#!/bin/sh\necho 'error: something broke' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("CXX", str(fake))
+    with pytest.raises(RuntimeError, match="bad-cxx failed on causal_attention.cpp: error: something broke"):
+        cpu_kernels._build("causal_attention")
+    assert not any(fresh_kernels.iterdir())
