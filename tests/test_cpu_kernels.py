@@ -211,3 +211,24 @@ def test_build_failure_leaves_nothing(fresh_kernels, monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="bad-cxx failed on causal_attention.cpp: error: something broke"):
         cpu_kernels._build("causal_attention")
     assert not any(fresh_kernels.iterdir())
+
+
+@needs_kernel
+def test_where_training_takes_the_kernel(monkeypatch):
+    """With the kernel, float32 causal training takes the block path from CAUSAL_KERNEL_FROM tokens (the PyTorch
+    body, float64, only from CAUSAL_BLOCKS_LEN's start) up to the same end, and only with at least one (batch, head)
+    pair per thread; else SDPA."""
+    lo, hi = attention.CAUSAL_BLOCKS_LEN
+    k_lo = attention.CAUSAL_KERNEL_FROM
+    assert k_lo < lo
+
+    def takes(b, h, n, dtype=torch.float32):
+        q = torch.randn(b, h, n, 8, dtype=dtype, requires_grad=True)
+        return attention._takes_causal_blocks(q, q, q, 0.0)
+
+    assert takes(2, 2, k_lo) and takes(2, 2, hi) and not takes(2, 2, k_lo - 1) and not takes(2, 2, hi + 1)
+    assert takes(2, 2, lo, torch.float64) and not takes(2, 2, k_lo, torch.float64)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert takes(1, 4, k_lo) and not takes(1, 3, k_lo)
+    monkeypatch.setenv("FORMERS_CPU_KERNELS", "0")
+    assert not takes(2, 2, k_lo) and takes(2, 2, lo)

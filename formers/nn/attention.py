@@ -18,7 +18,12 @@ each against the plain computation):
   1.09-1.11x SDPA's CPU flash kernel at 256 tokens, 1.15-1.30x at 384-512, 1.01-1.09x at 768-1024 in two runs; at
   128-192 0.93-0.98x in one and 1.02-1.03x in the other, not a clear gain, so those keep SDPA. An earlier version
   of the kernel (blocks of 128, 0.95x flash alone at 256 tokens) made the benchmark LM's whole training step
-  1.035-1.08x faster than flash in paired A/Bs; this one another 1.013-1.028x.
+  1.035-1.08x faster than flash in paired A/Bs; this one another 1.013-1.028x. Those are the PyTorch body's numbers;
+- in float32 the same blocks run in C++ (`formers.nn.cpu_kernels`, formers/csrc/causal_attention.cpp), one (batch,
+  head) pair per thread so that each pair's data stays in L2 between its matmuls: 1.60-1.67x SDPA's flash kernel at
+  256 tokens, 1.69-1.72x at 384-512, 1.21-1.29x at 768 and 1.33-1.34x at 128 (where it starts,
+  CAUSAL_KERNEL_FROM), in two runs of the same benchmark. It is built on first use with the system's g++; where it
+  cannot be, the PyTorch body runs.
 """
 
 from __future__ import annotations
@@ -151,6 +156,9 @@ def attention_mask(nq: int, nk: int, *, causal: bool, past: int = 0, key_mask: t
 CAUSAL_BLOCK = 64  # query rows per block of `BlockCausalAttention` up to CAUSAL_BLOCK_WIDE_FROM tokens; twice that
 CAUSAL_BLOCK_WIDE_FROM = 513  # from there (measured: blocks of 64 faster at 256 and 512 tokens, 128 at 768)
 CAUSAL_BLOCKS_LEN = (256, 768)  # sequence lengths at which CPU causal training takes it (SDPA outside)
+# with the C++ kernel (float32, formers/csrc) from this length on; measured (benchmarks/attention_blocks.py, 2-core
+# Xeon VM, batch 8, 4 heads, Dh 64): 1.33-1.34x SDPA at 128 tokens, 1.09 at 64 and 1.25 at 96 in one run
+CAUSAL_KERNEL_FROM = 128
 # rows (batch x tokens) from which inference folds the value bias into the output bias (`_folds_kv_bias`): the fold
 # is one small matrix-vector product per call, the bias it saves a pass over the (rows, 2 * kv dim) projection. At
 # dim 192 on this machine's 2 threads the bias cost 14.6 us of the projection at 65 rows, the fold 12.0 us
@@ -171,6 +179,10 @@ class BlockCausalAttention(torch.autograd.Function):
     dk and dv and the others add to their leading rows. Memory: the kept P is about N / (6 Dh) times the size of
     q, k, v together (what `CAUSAL_BLOCKS_LEN` bounds). tests/test_fast_paths.py checks values and gradients
     against a naive masked softmax and SDPA.
+
+    In float32, where `cpu_kernels.causal_attention()` loads, the C++ kernel computes the same blocks one (batch,
+    head) pair per thread and keeps P as one (B * H, N, N) tensor (its causal part written); tests/test_cpu_kernels.py
+    checks it against a naive softmax and this PyTorch body.
     """
 
     @staticmethod
@@ -276,16 +288,24 @@ def _causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 def _takes_causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> bool:
     """CPU training of a fresh causal block (no mask, bias or dropout; grouped key/value heads are repeated for it,
     which in a paired A/B here still ran 1.03-1.20x SDPA's GQA kernel at 256-512 tokens) of a length in
-    CAUSAL_BLOCKS_LEN, float32 or float64, with SDPA's flash kernel allowed (the block kernel stands in for it; a
-    user who selected the math backend, e.g. for a double backward, gets it), no autocast (the kernel computes in
-    its inputs' dtype), no torch.func transform (it has no functorch rules) and not under torch.compile (which
-    compiles SDPA itself; tracing this Function, whose mask cache is written inside it, failed on a first call)."""
-    lo, hi = CAUSAL_BLOCKS_LEN
-    return (torch.is_grad_enabled() and not torch.compiler.is_compiling() and q.device.type == "cpu" and not drop
-            and q.shape[1] % k.shape[1] == 0
-            and lo <= q.shape[2] <= hi and q.dtype in (torch.float32, torch.float64)
+    CAUSAL_BLOCKS_LEN (from CAUSAL_KERNEL_FROM where the C++ kernel runs, float32, and only with at least one
+    (batch, head) pair per thread, as it splits the pairs over the threads), float32 or float64, with SDPA's flash
+    kernel allowed (the block kernel stands in for it; a user who selected the math backend, e.g. for a double
+    backward, gets it), no autocast (the kernel computes in its inputs' dtype), no torch.func transform (it has no
+    functorch rules) and not under torch.compile (which compiles SDPA itself; tracing this Function, whose mask
+    cache is written inside it, failed on a first call)."""
+    if not (torch.is_grad_enabled() and not torch.compiler.is_compiling() and q.device.type == "cpu" and not drop
+            and q.shape[1] % k.shape[1] == 0 and q.dtype in (torch.float32, torch.float64)
             and (q.requires_grad or k.requires_grad or v.requires_grad)
-            and torch.backends.cuda.flash_sdp_enabled() and not autocast_on("cpu") and not functorch_active())
+            and torch.backends.cuda.flash_sdp_enabled() and not autocast_on("cpu") and not functorch_active()):
+        return False
+    lo, hi = CAUSAL_BLOCKS_LEN
+    if q.dtype == torch.float32 and q.shape[2] <= hi and cpu_kernels.causal_attention() is not None:
+        # the C++ kernel: faster than SDPA from CAUSAL_KERNEL_FROM tokens, with a (batch, head) pair for every thread
+        lo = min(lo, CAUSAL_KERNEL_FROM)
+        if q.shape[0] * q.shape[1] < torch.get_num_threads():
+            return False
+    return lo <= q.shape[2] <= hi
 
 
 _SDPA_GQA = torch_at_least(2, 5)  # `enable_gqa` came in torch 2.5
