@@ -5,6 +5,7 @@ library, batched gradients) and that CPU training at the benchmark's length take
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -232,3 +233,15 @@ def test_where_training_takes_the_kernel(monkeypatch):
     assert takes(1, 4, k_lo) and not takes(1, 3, k_lo)
     monkeypatch.setenv("FORMERS_CPU_KERNELS", "0")
     assert not takes(2, 2, k_lo) and takes(2, 2, lo)
+
+
+@needs_kernel
+def test_an_unwritable_cache_falls_back_to_a_temporary_directory(fresh_kernels, monkeypatch, tmp_path):
+    """A cache path that cannot be made (here: under a file) builds into a per-user temporary directory instead."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("FORMERS_KERNEL_CACHE", str(blocker / "kernels"))
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    path = cpu_kernels._build("causal_attention")
+    assert path.parent == tmp_path / "tmp" / f"formers-kernels-{os.getuid()}"
+    assert cpu_kernels.causal_attention() is not None

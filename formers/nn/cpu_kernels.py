@@ -8,13 +8,13 @@ batched matmul. Measured on a 2-core Xeon VM, forward + backward of one layer of
 4 heads, 256 tokens, Dh 64): 5.2 ms against 7.8 ms for the PyTorch body and 9.3 ms for SDPA's flash kernel.
 
 The kernel is compiled with the system's C++ compiler (`$CXX`, else g++ or c++: `-O3 -march=native -fopenmp`, about
-a second) into `$FORMERS_KERNEL_CACHE` (default `~/.cache/formers/kernels`), named by a hash of its source, the
-compiler, the flags, torch's version and the CPU's feature flags, written to a temporary file and renamed. It links
-against torch's own libtorch_cpu (whose MKL gives it `sgemm_` and `vsExp`) and libgomp (so that its OpenMP threads
-are torch's). Where any of that is missing (no compiler, another OS or CPU, a torch without MKL), or with
-`FORMERS_CPU_KERNELS=0`, `causal_attention()` returns None after one warning and the PyTorch body runs: the kernels
-speed formers up; they are never required. tests/test_cpu_kernels.py checks values and gradients against a naive
-masked softmax and against the PyTorch body.
+a second) into `$FORMERS_KERNEL_CACHE` (default `~/.cache/formers/kernels`; a per-user temporary directory where
+that cannot be written), named by a hash of its source, the compiler, the flags, torch's version and the CPU's
+feature flags, written to a temporary file and renamed. It links against torch's own libtorch_cpu (whose MKL gives
+it `sgemm_` and `vsExp`) and libgomp (so that its OpenMP threads are torch's). Where any of that is missing (no
+compiler, another OS or CPU, a torch without MKL), `causal_attention()` returns None after one warning, and with
+`FORMERS_CPU_KERNELS=0` silently; the PyTorch body then runs: the kernels speed formers up, they are never required.
+tests/test_cpu_kernels.py checks values and gradients against a naive masked softmax and against the PyTorch body.
 """
 
 from __future__ import annotations
@@ -99,7 +99,16 @@ def _build(name: str) -> Path:
     out = out_dir / f"{name}-{key.hexdigest()[:16]}.so"
     if out.is_file():
         return out
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(out_dir, os.W_OK):
+            raise PermissionError(out_dir)
+    except OSError:  # a read-only home: the system's temporary directory, per user
+        out_dir = Path(tempfile.gettempdir()) / f"formers-kernels-{os.getuid()}"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        out = out_dir / out.name
+        if out.is_file():
+            return out
     lib = _torch_lib()
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out_dir)
     os.close(fd)
