@@ -20,9 +20,9 @@ each against the plain computation):
   of the kernel (blocks of 128, 0.95x flash alone at 256 tokens) made the benchmark LM's whole training step
   1.035-1.08x faster than flash in paired A/Bs; this one another 1.013-1.028x. Those are the PyTorch body's numbers;
 - in float32 the same blocks run in C++ (`formers.nn.cpu_kernels`, formers/csrc/causal_attention.cpp), one (batch,
-  head) pair per thread so that each pair's data stays in L2 between its matmuls: 1.60-1.67x SDPA's flash kernel at
-  256 tokens, 1.69-1.72x at 384-512, 1.21-1.29x at 768 and 1.33-1.34x at 128 (where it starts,
-  CAUSAL_KERNEL_FROM), in two runs of the same benchmark. It is built on first use with the system's g++; where it
+  head) pair per thread so that each pair's data stays in L2 between its matmuls: 1.56-1.67x SDPA's flash kernel at
+  256 tokens, 1.63-1.72x at 384-512, 1.07-1.29x at 768 and 1.33-1.42x at 128 (where it starts,
+  CAUSAL_KERNEL_FROM), in three runs of the same benchmark. It is built on first use with the system's g++; where it
   cannot be, the PyTorch body runs.
 """
 
@@ -157,7 +157,7 @@ CAUSAL_BLOCK = 64  # query rows per block of `BlockCausalAttention` up to CAUSAL
 CAUSAL_BLOCK_WIDE_FROM = 513  # from there (measured: blocks of 64 faster at 256 and 512 tokens, 128 at 768)
 CAUSAL_BLOCKS_LEN = (256, 768)  # sequence lengths at which CPU causal training takes it (SDPA outside)
 # with the C++ kernel (float32, formers/csrc) from this length on; measured (benchmarks/attention_blocks.py, 2-core
-# Xeon VM, batch 8, 4 heads, Dh 64): 1.33-1.34x SDPA at 128 tokens, 1.09 at 64 and 1.25 at 96 in one run
+# Xeon VM, batch 8, 4 heads, Dh 64): 1.33-1.42x SDPA at 128 tokens in three runs, 1.09 at 64 and 1.25 at 96 in one
 CAUSAL_KERNEL_FROM = 128
 # rows (batch x tokens) from which inference folds the value bias into the output bias (`_folds_kv_bias`): the fold
 # is one small matrix-vector product per call, the bias it saves a pass over the (rows, 2 * kv dim) projection. At
