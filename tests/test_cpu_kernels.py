@@ -241,7 +241,113 @@ def test_an_unwritable_cache_falls_back_to_a_temporary_directory(fresh_kernels, 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     monkeypatch.setenv("FORMERS_KERNEL_CACHE", str(blocker / "kernels"))
+    (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     path = cpu_kernels._build("causal_attention")
     assert path.parent == tmp_path / "tmp" / f"formers-kernels-{os.getuid()}"
     assert cpu_kernels.causal_attention() is not None
+
+
+@needs_kernel
+def test_overlapping_layouts_are_copied_not_misread(capfd):
+    """Layouts the BLAS refuses as rows (a stride along N below Dh: an expanded tensor, or the gradient of a sum
+    over tokens, stride 0 along N) are copied first: values and gradients equal the naive attention, and MKL
+    prints no parameter error (it skipped the product and left the output unwritten before)."""
+    torch.manual_seed(0)
+    q = torch.randn(2, 2, 20, 8, requires_grad=True)
+    k_row = torch.randn(2, 2, 1, 8, requires_grad=True)
+    v = torch.randn(2, 2, 20, 8, requires_grad=True)
+    k = k_row.expand(2, 2, 20, 8)  # stride 0 along N
+    y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 8)
+    y.sum(dim=2).pow(2).sum().backward()  # dy is expanded along N
+    got = [t.grad.clone() for t in (q, k_row, v)]
+    for t in (q, k_row, v):
+        t.grad = None
+    ref = naive_causal(q.double(), k_row.double().expand(2, 2, 20, 8), v.double(), 0.5)
+    ref.sum(dim=2).pow(2).sum().backward()
+    torch.testing.assert_close(y.double(), ref, atol=2e-6, rtol=1e-5)
+    for a, t in zip(got, (q, k_row, v)):
+        torch.testing.assert_close(a, t.grad, atol=5e-5, rtol=1e-4)
+    assert "MKL ERROR" not in capfd.readouterr().out
+
+
+def test_block_must_be_positive_and_may_exceed_the_length():
+    """A block of 0 or fewer query rows is refused with a ValueError (the C++ loop would never end; the PyTorch
+    body returned an unwritten output for a negative one); a block longer than the sequence is one block."""
+    _, (q, k, v) = _qkv((1, 2, 10, 4), "contiguous")
+    for bad in (0, -3):
+        with pytest.raises(ValueError, match="block must be a positive"):
+            attention.BlockCausalAttention.apply(q, k, v, 0.5, bad)
+    y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 10 ** 6)
+    g = torch.autograd.grad(y.sum(), (q, k, v))
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    ref = naive_causal(q2, k2, v2, 0.5)
+    torch.testing.assert_close(y, ref, atol=2e-6, rtol=1e-5)
+    for a, b in zip(g, torch.autograd.grad(ref.sum(), (q2, k2, v2))):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_mismatched_inputs_never_reach_the_kernel():
+    """k or v of another dtype, fewer heads (grouped heads not repeated) or fewer tokens than q go to the PyTorch
+    body, which raises, instead of the kernel reading past their ends or their float64 bits as float32."""
+    _, (q, k, v) = _qkv((1, 4, 16, 4), "contiguous")
+    assert cpu_kernels.CausalAttentionKernel.usable(q, k, v)
+    for kk in (k.double(), k[:, :2], k[:, :, :8]):
+        assert not cpu_kernels.CausalAttentionKernel.usable(q, kk, v)
+        with pytest.raises(RuntimeError):
+            attention.BlockCausalAttention.apply(q, kk, v, 0.5, 4)
+
+
+@needs_kernel
+def test_empty_inputs_give_empty_outputs(capfd):
+    """Zero tokens or a zero batch: empty outputs and gradients, and no BLAS call (MKL printed parameter errors for
+    a leading dimension of 0)."""
+    for shape in ((1, 2, 0, 4), (0, 2, 8, 4)):
+        q, k, v = (torch.randn(*shape, requires_grad=True) for _ in range(3))
+        y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 4)
+        assert y.shape == shape
+        assert all(g.shape == shape for g in torch.autograd.grad(y.sum(), (q, k, v), allow_unused=True))
+    assert "MKL ERROR" not in capfd.readouterr().out
+
+
+@needs_kernel
+def test_a_stale_cached_library_is_replaced_and_the_new_one_loaded(fresh_kernels, tmp_path):
+    """A cached library from an older kernel (it loads, but its ABI number is another) is deleted and rebuilt, and
+    the rebuilt one is what runs, although the dynamic loader already holds a library under that file name."""
+    path = cpu_kernels._build("causal_attention")
+    stale = tmp_path / "stale.cpp"
+    stale.write_text('extern "C" int formers_causal_attention_abi() { return -1; }\n')
+    cpu_kernels.subprocess.run([cpu_kernels._compiler()[0], "-shared", "-fPIC", "-o", str(path), str(stale)],
+                               check=True)
+    cpu_kernels.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kern = cpu_kernels.causal_attention()
+    assert kern is not None and kern.lib.formers_causal_attention_abi() == cpu_kernels._ABI
+    _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
+    torch.testing.assert_close(attention.BlockCausalAttention.apply(q, k, v, 0.5, 8), naive_causal(q, k, v, 0.5),
+                               atol=2e-6, rtol=1e-5)
+
+
+def test_a_shared_temporary_directory_is_used_only_if_private(tmp_path):
+    """The temporary-directory fallback takes `<tmp>/formers-kernels-<uid>` only as a directory of this user that
+    no one else may write (made 0700); one that others may write (another user could plant a library there) is
+    passed over for a fresh private directory."""
+    mine = cpu_kernels._private_dir(tmp_path / "mine")
+    assert mine == tmp_path / "mine" and (mine.stat().st_mode & 0o777) == 0o700
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    other = cpu_kernels._private_dir(shared)
+    assert other != shared and other.is_dir() and (other.stat().st_mode & 0o077) == 0
+    other.rmdir()
+
+
+@needs_kernel
+def test_cxx_may_carry_arguments(fresh_kernels, monkeypatch):
+    """CXX is split as a shell would, so a wrapper or extra flags ("g++ -g") build the kernel too."""
+    monkeypatch.setenv("CXX", f"{cpu_kernels._compiler()[0]} -g")
+    assert cpu_kernels._compiler()[1:] == ["-g"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.causal_attention() is not None

@@ -9,8 +9,9 @@
 // exponentials to MKL's vsExp. The pairs are split over OpenMP threads (torch's own libgomp, so its thread pool),
 // inside which MKL runs single-threaded.
 //
-// Layout: q, k, v, dy, dq, dk, dv are (B, H, N, D) with any strides but a unit stride along D, given as a base
-// pointer and the element strides of B, H and N. y is written likewise. P, the probabilities kept for the
+// Layout: q, k, v, dy, dq, dk, dv are (B, H, N, D) with any strides but a unit stride along D and a stride along N of
+// at least D (the BLAS leading dimension; the caller copies other layouts), given as a base pointer and the element
+// strides of B, H and N. y is written likewise. P, the probabilities kept for the
 // backward, is (B * H, N, N) row-major; only its causal part (row r, columns 0..r, and zeros to the end of r's
 // row block) is written or read.
 //
@@ -102,11 +103,15 @@ inline void softmax_row(float* row, int len, int width) {
 
 extern "C" {
 
-int formers_causal_attention_abi() { return 1; }
+// ABI 2: the entry points return 0, or 1 where a thread's workspace could not be allocated (nothing thrown through
+// C), and clamp `block` to [1, N].
+int formers_causal_attention_abi() { return 2; }
 
 // q, k, v, y: base pointers and (B, H, N) strides each (4 x 3 int64 in `strides`).
-void formers_causal_attention_fwd(int B, int H, int N, int D, float scale, int block, int threads, float* q,
-                                  float* k, float* v, float* y, float* P, const int64_t* strides) {
+int formers_causal_attention_fwd(int B, int H, int N, int D, float scale, int block, int threads, float* q,
+                                 float* k, float* v, float* y, float* P, const int64_t* strides) {
+  if (B <= 0 || H <= 0 || N <= 0 || D <= 0) return 0;
+  block = std::max(1, std::min(block, N));
   const Strided Q = make(q, strides), K = make(k, strides + 3), V = make(v, strides + 6), Y = make(y, strides + 9);
   const int64_t pairs = static_cast<int64_t>(B) * H;
 #pragma omp parallel num_threads(threads)
@@ -126,21 +131,34 @@ void formers_causal_attention_fwd(int B, int H, int N, int D, float scale, int b
       }
     }
   }
+  return 0;
 }
 
 // dy, q, k, v, dq, dk, dv: base pointers and (B, H, N) strides each (7 x 3 int64 in `strides`).
-void formers_causal_attention_bwd(int B, int H, int N, int D, float scale, int block, int threads, float* dy,
-                                  float* q, float* k, float* v, const float* P, float* dq, float* dk, float* dv,
-                                  const int64_t* strides) {
+int formers_causal_attention_bwd(int B, int H, int N, int D, float scale, int block, int threads, float* dy,
+                                 float* q, float* k, float* v, const float* P, float* dq, float* dk, float* dv,
+                                 const int64_t* strides) {
+  if (B <= 0 || H <= 0 || N <= 0 || D <= 0) return 0;
+  block = std::max(1, std::min(block, N));
+  int failed = 0;
   const Strided dY = make(dy, strides), Q = make(q, strides + 3), K = make(k, strides + 6), V = make(v, strides + 9),
                 dQ = make(dq, strides + 12), dK = make(dk, strides + 15), dV = make(dv, strides + 18);
   const int64_t pairs = static_cast<int64_t>(B) * H;
 #pragma omp parallel num_threads(threads)
   {
-    std::vector<float> work(static_cast<size_t>(block) * N);  // dP, then dS, of one row block
+    std::vector<float> work;  // dP, then dS, of one row block
+    bool ok = true;
+    try {
+      work.resize(static_cast<size_t>(block) * N);
+    } catch (...) {  // no exception may leave an OpenMP region or a C function
+      ok = false;
+#pragma omp atomic write
+      failed = 1;
+    }
     float* W = work.data();
 #pragma omp for schedule(static)
     for (int64_t i = 0; i < pairs; ++i) {
+      if (!ok) continue;
       const int64_t b = i / H, h = i % H;
       const float *qi = Q.at(b, h), *ki = K.at(b, h), *vi = V.at(b, h), *dyi = dY.at(b, h);
       float *dqi = dQ.at(b, h), *dki = dK.at(b, h), *dvi = dV.at(b, h);
@@ -165,6 +183,7 @@ void formers_causal_attention_bwd(int B, int H, int N, int D, float scale, int b
       }
     }
   }
+  return failed;
 }
 
 }  // extern "C"

@@ -187,8 +187,10 @@ class BlockCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale: float, block: int):
+        if block < 1:
+            raise ValueError(f"BlockCausalAttention: block must be a positive number of query rows, got {block}")
         ctx.scale, ctx.block = scale, block
-        kern = cpu_kernels.causal_attention() if q.dtype == torch.float32 else None
+        kern = cpu_kernels.causal_attention() if cpu_kernels.CausalAttentionKernel.usable(q, k, v) else None
         ctx.kernel = kern
         if kern is not None:  # the same blocks in C++, one (batch, head) pair per thread (formers/csrc)
             y, P, qkv = kern.forward(q, k, v, scale, block)

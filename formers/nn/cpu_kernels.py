@@ -23,7 +23,9 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -35,7 +37,7 @@ import torch
 
 _SRC = Path(__file__).resolve().parent.parent / "csrc"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
-_ABI = 1  # what formers_causal_attention_abi() must return
+_ABI = 2  # what formers_causal_attention_abi() must return
 _LOCK = threading.Lock()
 _LOADED: dict[str, CausalAttentionKernel | None] = {}
 _WARNED: set[str] = set()
@@ -78,11 +80,29 @@ def _why_not() -> str | None:
     return None
 
 
-def _compiler() -> str | None:
-    cxx = os.environ.get("CXX")
+def _compiler() -> list[str] | None:
+    """The compiler command: `$CXX` split as a shell would (a wrapper such as "ccache g++" or added flags), else
+    g++ or c++ on the PATH; None where there is none."""
+    cxx = shlex.split(os.environ.get("CXX", ""))
     if cxx:
-        return shutil.which(cxx) or (cxx if Path(cxx).is_file() else None)
-    return shutil.which("g++") or shutil.which("c++")
+        exe = shutil.which(cxx[0]) or (cxx[0] if Path(cxx[0]).is_file() else None)
+        return None if exe is None else [exe, *cxx[1:]]
+    exe = shutil.which("g++") or shutil.which("c++")
+    return None if exe is None else [exe]
+
+
+def _private_dir(path: Path) -> Path:
+    """`path` made (mode 0700) or found as a real directory owned by this user that no one else may write; else a
+    fresh private directory of this process. A shared temporary directory must not let another user plant a library
+    that this process would load."""
+    try:
+        path.mkdir(mode=0o700, exist_ok=True)
+        st = os.lstat(path)
+        if stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022:
+            return path
+    except OSError:
+        pass
+    return Path(tempfile.mkdtemp(prefix="formers-kernels-"))
 
 
 def _build(name: str) -> Path:
@@ -92,7 +112,7 @@ def _build(name: str) -> Path:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     src = _SRC / f"{name}.cpp"
     key = hashlib.sha256()
-    for part in (src.read_bytes(), cxx.encode(), " ".join(_FLAGS).encode(), torch.__version__.encode(),
+    for part in (src.read_bytes(), " ".join(cxx).encode(), " ".join(_FLAGS).encode(), torch.__version__.encode(),
                  _cpu_flags().encode()):
         key.update(part)
     out_dir = _cache_dir()
@@ -104,8 +124,7 @@ def _build(name: str) -> Path:
         if not os.access(out_dir, os.W_OK):
             raise PermissionError(out_dir)
     except OSError:  # a read-only home: the system's temporary directory, per user
-        out_dir = Path(tempfile.gettempdir()) / f"formers-kernels-{os.getuid()}"
-        out_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = _private_dir(Path(tempfile.gettempdir()) / f"formers-kernels-{os.getuid()}")
         out = out_dir / out.name
         if out.is_file():
             return out
@@ -113,11 +132,11 @@ def _build(name: str) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=out_dir)
     os.close(fd)
     try:
-        cmd = [cxx, *_FLAGS, "-o", tmp, str(src), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
+        cmd = [*cxx, *_FLAGS, "-o", tmp, str(src), f"-L{lib}", "-ltorch_cpu", f"-Wl,-rpath,{lib}"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             last = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"{Path(cxx).name} failed on {src.name}: {last}")
+            raise RuntimeError(f"{Path(cxx[0]).name} failed on {src.name}: {last}")
         os.replace(tmp, out)  # whole or not at all: another process may be loading it
     finally:
         if os.path.exists(tmp):
@@ -139,18 +158,35 @@ class CausalAttentionKernel:
         if lib.formers_causal_attention_abi() != _ABI:
             raise RuntimeError("stale library (ABI mismatch)")
         lib.formers_causal_attention_fwd.argtypes = [_I, _I, _I, _I, _F, _I, _I] + [_P] * 5 + [_P]
-        lib.formers_causal_attention_fwd.restype = None
+        lib.formers_causal_attention_fwd.restype = _I
         lib.formers_causal_attention_bwd.argtypes = [_I, _I, _I, _I, _F, _I, _I] + [_P] * 8 + [_P]
-        lib.formers_causal_attention_bwd.restype = None
+        lib.formers_causal_attention_bwd.restype = _I
 
     @staticmethod
     def _strides(*ts: torch.Tensor):
-        s = [st for t in ts for st in t.stride()[:3]]
+        """The element strides of B, H and N of each tensor; a single row's N stride (free in torch's eyes) as its
+        row length, which is all the BLAS asks of a leading dimension there."""
+        s = []
+        for t in ts:
+            b, h, n = t.stride()[:3]
+            s += [b, h, n if t.shape[2] > 1 else t.shape[3]]
         return (ctypes.c_int64 * len(s))(*s)
 
     @staticmethod
-    def _unit_last(t: torch.Tensor) -> torch.Tensor:
-        return t if t.stride(-1) == 1 else t.contiguous()
+    def _blas_ready(t: torch.Tensor) -> torch.Tensor:
+        """t itself where its rows are BLAS rows (unit stride along Dh, a row stride of at least Dh that fits 32 bits),
+        else a contiguous copy: an expanded or otherwise overlapping tensor (stride 0 along N, e.g. the gradient of
+        a sum over tokens) would be refused by the BLAS, which then leaves its output unwritten."""
+        n, d = t.shape[-2], t.shape[-1]
+        ok = (t.stride(-1) == 1 or d <= 1) and (n <= 1 or d <= t.stride(-2) < 2 ** 31)
+        return t if ok else t.contiguous()
+
+    @staticmethod
+    def usable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether the kernel computes this call: q, k, v of one 4-D shape (grouped key/value heads repeated), all
+        float32 in CPU memory."""
+        return (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype == torch.float32
+                and q.device.type == k.device.type == v.device.type == "cpu")
 
     @staticmethod
     def _heads_last(like: torch.Tensor, B: int, H: int, N: int, D: int) -> torch.Tensor:
@@ -163,7 +199,7 @@ class CausalAttentionKernel:
         """y = softmax(scale q k^T + causal mask) v, (B, H, N, Dh) laid out as (B, N, H, Dh); P, the
         probabilities (B * H, N, N) for `backward` (row r is written in columns 0..r and zero to the end of its
         block); the q, k, v it read (a copy only where the last dimension was not contiguous)."""
-        q, k, v = (self._unit_last(t) for t in (q, k, v))
+        q, k, v = (self._blas_ready(t) for t in (q, k, v))
         B, H, N, D = q.shape
         y = self._heads_last(q, B, H, N, D)
         P = q.new_empty(B * H, N, N)
@@ -175,13 +211,16 @@ class CausalAttentionKernel:
     def backward(self, dy: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, P: torch.Tensor,
                  scale: float, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """dq, dk, dv (B, H, N, Dh), each laid out as (B, N, H, Dh)."""
-        dy = self._unit_last(dy)
+        dy = self._blas_ready(dy)
         B, H, N, D = q.shape
         dq, dk, dv = (self._heads_last(q, B, H, N, D) for _ in range(3))
-        self.lib.formers_causal_attention_bwd(
+        failed = self.lib.formers_causal_attention_bwd(
             B, H, N, D, scale, block, torch.get_num_threads(), dy.data_ptr(), q.data_ptr(), k.data_ptr(),
             v.data_ptr(), P.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
             self._strides(dy, q, k, v, dq, dk, dv))
+        if failed:
+            raise MemoryError(f"causal attention backward: no memory for a {min(block, N)} x {N} float32 workspace "
+                              "per thread")
         return dq, dk, dv
 
 
@@ -193,7 +232,15 @@ def _load(name: str) -> CausalAttentionKernel:
         return CausalAttentionKernel(ctypes.CDLL(str(path)))
     except (OSError, RuntimeError, AttributeError):
         path.unlink(missing_ok=True)
-    return CausalAttentionKernel(ctypes.CDLL(str(_build(name))))
+    fresh = _build(name)
+    # loaded from a name of its own: the dynamic loader hands back a library it already holds under the old name
+    fd, alias = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=fresh.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(fresh, alias)
+        return CausalAttentionKernel(ctypes.CDLL(alias))
+    finally:
+        os.unlink(alias)  # a loaded library stays mapped
 
 
 def causal_attention() -> CausalAttentionKernel | None:
