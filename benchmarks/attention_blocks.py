@@ -5,13 +5,13 @@ with its C++ kernel (formers/csrc, where it builds) and with its PyTorch body (`
 
 For each shape (batch, heads, length, head dim) one forward + backward of causal attention is timed as the model
 runs it: q, k, v are views of one fused QKV projection output (B, N, 3 H Dh), the output is merged back to
-(B, N, H Dh), and the gradient reaches the QKV output. The two sides alternate in every repetition (the order flips
+(B, N, H Dh), and the gradient reaches the QKV output. The sides alternate in every repetition (the order flips
 each time) in one process; the JSON keeps the median time of each and the median of the paired ratios SDPA / side.
-All sides are first checked equal (outputs and gradients, 1e-4). `CAUSAL_BLOCKS_LEN` in formers/nn/attention.py,
-the lengths at which training takes the block kernel, starts at 256: below that the PyTorch body alone was not
-clearly faster than SDPA (0.93-0.98x at 128-192 tokens in one run, 1.02-1.03x in another), so shorter sequences keep
-SDPA. Each shape runs with the block size training takes there (`causal_block`), or `--block`. Run it on an idle
-machine.
+All sides are first checked equal (outputs and gradients, 1e-4). Training takes the block path
+(formers/nn/attention.py) with the C++ kernel from `CAUSAL_KERNEL_FROM` = 128 tokens, where it was 1.33-1.42x SDPA
+in three runs, and with the PyTorch body from 256 (`CAUSAL_BLOCKS_LEN`): below that the body alone was not clearly
+faster than SDPA (0.78-1.09x at 128-192 tokens in three runs); both up to 768. Each shape runs with the block size
+training takes there (`causal_block`), or `--block`. Run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -43,13 +43,18 @@ def sides(B: int, H: int, N: int, D: int, block: int):
         def run(keep: bool = False):
             qkv.grad = None
             q, k, v = (t.transpose(1, 2) for t in qkv.view(B, N, 3 * H, D).split([H, H, H], dim=2))
-            # the C++ kernel, or the PyTorch body with it turned off (read by the forward and kept for the backward)
-            os.environ["FORMERS_CPU_KERNELS"] = "0" if side == "blocks" else "1"
             if side == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            else:
-                y = BlockCausalAttention.apply(q, k, v, D ** -0.5, block)
-            os.environ.pop("FORMERS_CPU_KERNELS")
+            else:  # the C++ kernel, or the PyTorch body with it turned off (read by the forward, kept for the backward)
+                old = os.environ.get("FORMERS_CPU_KERNELS")
+                os.environ["FORMERS_CPU_KERNELS"] = "0" if side == "blocks" else "1"
+                try:
+                    y = BlockCausalAttention.apply(q, k, v, D ** -0.5, block)
+                finally:
+                    if old is None:
+                        os.environ.pop("FORMERS_CPU_KERNELS")
+                    else:
+                        os.environ["FORMERS_CPU_KERNELS"] = old
             y = y.transpose(1, 2).reshape(B, N, H * D)
             y.backward(g)
             return (y.detach(), qkv.grad.clone()) if keep else None

@@ -351,3 +351,47 @@ def test_cxx_may_carry_arguments(fresh_kernels, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert cpu_kernels.causal_attention() is not None
+
+
+def test_the_kernel_is_looked_up_only_where_it_would_run(monkeypatch):
+    """Training looks the kernel up (which builds it, or warns once where it cannot be built) only for float32 at
+    CAUSAL_KERNEL_FROM-768 tokens with at least one (batch, head) pair per thread: not at 64 tokens, not with too
+    few pairs, not in float64, not without autograd."""
+    calls = []
+    real = cpu_kernels.causal_attention
+    monkeypatch.setattr(cpu_kernels, "causal_attention", lambda: calls.append(1) or real())
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    k_lo, (_, hi) = attention.CAUSAL_KERNEL_FROM, attention.CAUSAL_BLOCKS_LEN
+
+    def look(b, h, n, dtype=torch.float32, grad=True):
+        q = torch.randn(b, h, n, 4, dtype=dtype, requires_grad=grad)
+        calls.clear()
+        attention._takes_causal_blocks(q, q, q, 0.0)
+        return len(calls)
+
+    assert look(1, 2, k_lo) == 1 and look(2, 1, hi) == 1
+    assert look(1, 2, k_lo - 1) == 0 and look(1, 2, hi + 1) == 0
+    assert look(1, 1, k_lo) == 0  # one pair, two threads: SDPA
+    assert look(1, 2, k_lo, torch.float64) == 0 and look(1, 2, k_lo, grad=False) == 0
+
+
+@needs_kernel
+def test_a_process_own_build_directory_is_removed_after_loading(fresh_kernels, monkeypatch, tmp_path):
+    """Where the cache cannot be written and the shared per-user temporary directory is not private, the library is
+    built in a directory of this process and that directory is removed once the library is loaded (it stays
+    mapped): nothing is left behind per process."""
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("FORMERS_KERNEL_CACHE", str(blocker / "kernels"))
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(cpu_kernels.tempfile, "gettempdir", lambda: str(tmp))
+    shared = tmp / f"formers-kernels-{os.getuid()}"
+    shared.mkdir()
+    shared.chmod(0o777)  # another user could write here
+    kern = cpu_kernels.causal_attention()
+    assert kern is not None
+    assert sorted(p.name for p in tmp.iterdir()) == [shared.name] and not any(shared.iterdir())
+    _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
+    torch.testing.assert_close(attention.BlockCausalAttention.apply(q, k, v, 0.5, 8), naive_causal(q, k, v, 0.5),
+                               atol=2e-6, rtol=1e-5)

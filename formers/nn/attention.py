@@ -181,8 +181,9 @@ class BlockCausalAttention(torch.autograd.Function):
     against a naive masked softmax and SDPA.
 
     In float32, where `cpu_kernels.causal_attention()` loads, the C++ kernel computes the same blocks one (batch,
-    head) pair per thread and keeps P as one (B * H, N, N) tensor (its causal part written); tests/test_cpu_kernels.py
-    checks it against a naive softmax and this PyTorch body.
+    head) pair per thread and keeps P as one (B * H, N, N) tensor (its causal part written): N / (3 Dh) times the
+    size of q, k, v together, 1.6x the PyTorch body's at 256 tokens in blocks of 64. tests/test_cpu_kernels.py checks
+    it against a naive softmax and this PyTorch body.
     """
 
     @staticmethod
@@ -290,8 +291,8 @@ def _causal_mask(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tens
 def _takes_causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop: float) -> bool:
     """CPU training of a fresh causal block (no mask, bias or dropout; grouped key/value heads are repeated for it,
     which in a paired A/B here still ran 1.03-1.20x SDPA's GQA kernel at 256-512 tokens) of a length in
-    CAUSAL_BLOCKS_LEN (from CAUSAL_KERNEL_FROM where the C++ kernel runs, float32, and only with at least one
-    (batch, head) pair per thread, as it splits the pairs over the threads), float32 or float64, with SDPA's flash
+    CAUSAL_BLOCKS_LEN (from CAUSAL_KERNEL_FROM where the C++ kernel runs; in float32 only with at least one (batch,
+    head) pair per thread, as the kernel splits the pairs over the threads), float32 or float64, with SDPA's flash
     kernel allowed (the block kernel stands in for it; a user who selected the math backend, e.g. for a double
     backward, gets it), no autocast (the kernel computes in its inputs' dtype), no torch.func transform (it has no
     functorch rules) and not under torch.compile (which compiles SDPA itself; tracing this Function, whose mask
@@ -302,12 +303,16 @@ def _takes_causal_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, drop
             and torch.backends.cuda.flash_sdp_enabled() and not autocast_on("cpu") and not functorch_active()):
         return False
     lo, hi = CAUSAL_BLOCKS_LEN
-    if q.dtype == torch.float32 and q.shape[2] <= hi and cpu_kernels.causal_attention() is not None:
-        # the C++ kernel: faster than SDPA from CAUSAL_KERNEL_FROM tokens, with a (batch, head) pair for every thread
-        lo = min(lo, CAUSAL_KERNEL_FROM)
+    N = q.shape[2]
+    if q.dtype == torch.float32 and min(lo, CAUSAL_KERNEL_FROM) <= N <= hi:
+        # the C++ kernel splits the (batch, head) pairs over the threads: with fewer pairs than threads SDPA runs (one
+        # pair on two threads read 0.93x SDPA at 256 tokens, and the PyTorch body 0.57x); the kernel is looked up
+        # (built, or warned about) only where it would run
         if q.shape[0] * q.shape[1] < torch.get_num_threads():
             return False
-    return lo <= q.shape[2] <= hi
+        if cpu_kernels.causal_attention() is not None:
+            return True
+    return lo <= N <= hi
 
 
 _SDPA_GQA = torch_at_least(2, 5)  # `enable_gqa` came in torch 2.5

@@ -8,13 +8,16 @@ batched matmul. Measured on a 2-core Xeon VM, forward + backward of one layer of
 4 heads, 256 tokens, Dh 64): 5.2 ms against 7.8 ms for the PyTorch body and 9.3 ms for SDPA's flash kernel.
 
 The kernel is compiled with the system's C++ compiler (`$CXX`, else g++ or c++: `-O3 -march=native -fopenmp`, about
-a second) into `$FORMERS_KERNEL_CACHE` (default `~/.cache/formers/kernels`; a per-user temporary directory where
-that cannot be written), named by a hash of its source, the compiler, the flags, torch's version and the CPU's
-feature flags, written to a temporary file and renamed. It links against torch's own libtorch_cpu (whose MKL gives
-it `sgemm_` and `vsExp`) and libgomp (so that its OpenMP threads are torch's). Where any of that is missing (no
-compiler, another OS or CPU, a torch without MKL), `causal_attention()` returns None after one warning, and with
-`FORMERS_CPU_KERNELS=0` silently; the PyTorch body then runs: the kernels speed formers up, they are never required.
-tests/test_cpu_kernels.py checks values and gradients against a naive masked softmax and against the PyTorch body.
+a second) into `$FORMERS_KERNEL_CACHE` (default `$XDG_CACHE_HOME/formers/kernels`, else `~/.cache/formers/kernels`;
+where that cannot be written, `<tmp>/formers-kernels-<uid>` if it is this user's alone, else a directory of this
+process, removed once the library is loaded: then a build per process), named by a hash of its source, the compiler,
+the flags, torch's version and the CPU's feature flags, written to a temporary file and renamed. A cache directory
+that others may write would let them plant a library there: point FORMERS_KERNEL_CACHE at your own. It links against
+torch's own libtorch_cpu (whose MKL gives it `sgemm_` and `vsExp`) and libgomp (so that its OpenMP threads are
+torch's). Where any of that is missing (no compiler, another OS or CPU, a torch without MKL), `causal_attention()`
+returns None after one warning, and with `FORMERS_CPU_KERNELS=0` silently; causal CPU training then runs SDPA or the
+PyTorch body: the kernels speed formers up, they are never required. tests/test_cpu_kernels.py checks values and
+gradients against a naive masked softmax and against the PyTorch body.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ _ABI = 2  # what formers_causal_attention_abi() must return
 _LOCK = threading.Lock()
 _LOADED: dict[str, CausalAttentionKernel | None] = {}
 _WARNED: set[str] = set()
+_TRANSIENT: set[Path] = set()  # build directories of this process alone (`_private_dir`'s mkdtemp)
 
 
 def _torch_lib() -> Path:
@@ -124,7 +128,10 @@ def _build(name: str) -> Path:
         if not os.access(out_dir, os.W_OK):
             raise PermissionError(out_dir)
     except OSError:  # a read-only home: the system's temporary directory, per user
-        out_dir = _private_dir(Path(tempfile.gettempdir()) / f"formers-kernels-{os.getuid()}")
+        shared = Path(tempfile.gettempdir()) / f"formers-kernels-{os.getuid()}"
+        out_dir = _private_dir(shared)
+        if out_dir != shared:  # this process's own: removed once the library is loaded (`_load`)
+            _TRANSIENT.add(out_dir)
         out = out_dir / out.name
         if out.is_file():
             return out
@@ -232,6 +239,10 @@ def _load(name: str) -> CausalAttentionKernel:
         return CausalAttentionKernel(ctypes.CDLL(str(path)))
     except (OSError, RuntimeError, AttributeError):
         path.unlink(missing_ok=True)
+    finally:
+        if path.parent in _TRANSIENT:  # a loaded library stays mapped; nothing of this process is left on disk
+            _TRANSIENT.discard(path.parent)
+            shutil.rmtree(path.parent, ignore_errors=True)
     fresh = _build(name)
     # loaded from a name of its own: the dynamic loader hands back a library it already holds under the old name
     fd, alias = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=fresh.parent)
@@ -263,8 +274,8 @@ def causal_attention() -> CausalAttentionKernel | None:
                 why = str(e)
         if why is not None and name not in _WARNED:
             _WARNED.add(name)
-            warnings.warn(f"formers: the C++ causal-attention kernel is not in use ({why}); CPU training runs the "
-                          "PyTorch path, a little slower", RuntimeWarning, stacklevel=3)
+            warnings.warn(f"formers: the C++ causal-attention kernel is not in use ({why}); causal CPU training "
+                          "runs SDPA or the PyTorch block path, a little slower", RuntimeWarning, stacklevel=3)
         _LOADED[name] = kern
         return kern
 
