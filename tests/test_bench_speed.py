@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from formers.bench import speed
-from formers.bench.harness import out_path
+from formers.bench.harness import out_path, section_is_current
 from formers.registry import FormersError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,9 +204,8 @@ def test_unknown_row_is_a_clear_error():
 
 def test_readme_section_is_generated_from_the_committed_results(tmp_path):
     res = json.loads((ROOT / "results" / "peers_speed.json").read_text())
-    readme = (ROOT / "README.md").read_text()
-    section = f"{speed.README_START}\n{speed.readme_section(res)}\n{speed.README_END}"
-    assert section in readme, "README is stale: run `formers bench speed` (it rewrites it)"
+    assert section_is_current(ROOT / "README.md", speed.README_START, speed.README_END, speed.readme_section(res)), \
+        "README is stale: run `formers bench speed` (it rewrites it)"
     for r in res["rows"]:
         assert r["formers_runs"] and len(r["formers_runs"]) == res["meta"]["reps"] >= 7
         assert abs(r["ratio"] - r[next(k for k in r if k.startswith("formers_") and k.endswith("_per_s"))]

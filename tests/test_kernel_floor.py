@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from formers.bench import floor, speed
+from formers.bench.harness import section_is_current
 from formers.registry import FormersError
 
 
@@ -50,9 +51,8 @@ def test_readme_table_is_generated_from_the_committed_results():
 
     root = Path(__file__).resolve().parents[1]
     res = json.loads((root / "results" / "kernel_floor.json").read_text())
-    readme = (root / "README.md").read_text()
-    section = f"{floor.README_START}\n{floor.readme_section(res)}\n{floor.README_END}"
-    assert section in readme, "README is stale: run `python benchmarks/kernel_floor.py` (it rewrites it)"
+    assert section_is_current(root / "README.md", floor.README_START, floor.README_END, floor.readme_section(res)), \
+        "README is stale: run `python benchmarks/kernel_floor.py` (it rewrites it)"
     for r in res["rows"]:
         assert len(r["formers_runs_ms"]) == len(r["peer_runs_ms"]) == res["meta"]["reps"] >= 7
         assert abs(r["ratio"] - r["peer_ms"] / r["formers_ms"]) < 2e-3

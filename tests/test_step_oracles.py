@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from formers.bench import oracles, speed
+from formers.bench.harness import section_is_current
 from formers.nn.ffn import MLP
 from formers.registry import FormersError
 
@@ -111,9 +112,9 @@ def test_readme_table_is_generated_from_the_committed_results():
 
     root = Path(__file__).resolve().parents[1]
     res = json.loads((root / "results" / "step_oracles.json").read_text())
-    readme = (root / "README.md").read_text()
-    section = f"{oracles.README_START}\n{oracles.readme_section(res)}\n{oracles.README_END}"
-    assert section in readme, "README is stale: run `python benchmarks/step_oracles.py` (it rewrites it)"
+    body = oracles.readme_section(res)
+    assert section_is_current(root / "README.md", oracles.README_START, oracles.README_END, body), \
+        "README is stale: run `python benchmarks/step_oracles.py` (it rewrites it)"
     base, *rows = res["rows"]
     assert len(base["runs_ms"]) == len(base["peer_runs_ms"]) == res["meta"]["reps"] >= 7
     for r in rows:  # each oracle's figures follow from its own paired runs

@@ -222,6 +222,16 @@ def out_path(arg: str, name: str, prog: str) -> Path:
     return p
 
 
+def _section(start: str, end: str, body: str) -> str:
+    return start + "\n" + body.strip("\n") + "\n" + end
+
+
+def section_is_current(path: Path, start: str, end: str, body: str) -> bool:
+    """Whether the file holds exactly `body` between the markers, as `replace_section` writes it: what the tests
+    check for every README section generated from committed results."""
+    return _section(start, end, body) in path.read_text()
+
+
 def replace_section(path: Path, start: str, end: str, body: str) -> bool:
     """Replace the text between the `start` and `end` markers of a file (the README's generated sections),
     atomically; False when the markers are missing."""
@@ -229,7 +239,7 @@ def replace_section(path: Path, start: str, end: str, body: str) -> bool:
     if start not in text or end not in text:
         return False
     head, rest = text.split(start, 1)
-    new = head + start + "\n" + body.strip("\n") + "\n" + end + rest.split(end, 1)[1]
+    new = head + _section(start, end, body) + rest.split(end, 1)[1]
     if new != text:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(new)
