@@ -153,24 +153,30 @@ def test_lm_training_at_the_benchmark_length_takes_the_kernel(monkeypatch):
 def fresh_kernels(monkeypatch, tmp_path):
     """An empty kernel cache and no loaded kernel; restored afterwards."""
     monkeypatch.setenv("FORMERS_KERNEL_CACHE", str(tmp_path / "kernels"))
-    saved = dict(cpu_kernels._LOADED), set(cpu_kernels._WARNED)
+    saved = dict(cpu_kernels._LOADED)
     cpu_kernels.reset()
     yield tmp_path / "kernels"
     cpu_kernels.reset()
-    cpu_kernels._LOADED.update(saved[0])
-    cpu_kernels._WARNED.update(saved[1])
+    cpu_kernels._LOADED.update(saved)
+
+
+def _attention_equals_naive(kernel: bool | None = None):
+    """The block attention of a small fused-layout call equals the naive one, with no warning; `kernel`: whether
+    the C++ kernel must (True) or must not (False) be the one loaded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        if kernel is not None:
+            assert (cpu_kernels.causal_attention() is not None) is kernel
+        _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
+        y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 8)
+    torch.testing.assert_close(y, naive_causal(q, k, v, 0.5), atol=2e-6, rtol=1e-5)
 
 
 def test_turned_off_gives_the_pytorch_path(monkeypatch):
     """FORMERS_CPU_KERNELS=0 turns the kernel off at any time, with no warning, and the attention still equals the
     naive one."""
     monkeypatch.setenv("FORMERS_CPU_KERNELS", "0")
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert cpu_kernels.causal_attention() is None
-        _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
-        y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 8)
-    torch.testing.assert_close(y, naive_causal(q, k, v, 0.5), atol=2e-6, rtol=1e-5)
+    _attention_equals_naive(kernel=False)
 
 
 def test_no_compiler_warns_once_and_falls_back(fresh_kernels, monkeypatch):
@@ -181,12 +187,7 @@ def test_no_compiler_warns_once_and_falls_back(fresh_kernels, monkeypatch):
         assert cpu_kernels.causal_attention() is None
     if cpu_kernels._why_not() is None:
         assert "no C++ compiler" in str(rec[0].message)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        assert cpu_kernels.causal_attention() is None
-        _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
-        y = attention.BlockCausalAttention.apply(q, k, v, 0.5, 8)
-    torch.testing.assert_close(y, naive_causal(q, k, v, 0.5), atol=2e-6, rtol=1e-5)
+    _attention_equals_naive(kernel=False)  # the warning came once
     assert not fresh_kernels.exists() or not any(fresh_kernels.iterdir())
 
 
@@ -324,9 +325,7 @@ def test_a_stale_cached_library_is_replaced_and_the_new_one_loaded(fresh_kernels
         warnings.simplefilter("error")
         kern = cpu_kernels.causal_attention()
     assert kern is not None and kern.lib.formers_causal_attention_abi() == cpu_kernels._ABI
-    _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
-    torch.testing.assert_close(attention.BlockCausalAttention.apply(q, k, v, 0.5, 8), naive_causal(q, k, v, 0.5),
-                               atol=2e-6, rtol=1e-5)
+    _attention_equals_naive(kernel=True)
 
 
 def test_a_shared_temporary_directory_is_used_only_if_private(tmp_path):
@@ -392,6 +391,4 @@ def test_a_process_own_build_directory_is_removed_after_loading(fresh_kernels, m
     kern = cpu_kernels.causal_attention()
     assert kern is not None
     assert sorted(p.name for p in tmp.iterdir()) == [shared.name] and not any(shared.iterdir())
-    _, (q, k, v) = _qkv((1, 2, 20, 4), "fused")
-    torch.testing.assert_close(attention.BlockCausalAttention.apply(q, k, v, 0.5, 8), naive_causal(q, k, v, 0.5),
-                               atol=2e-6, rtol=1e-5)
+    _attention_equals_naive(kernel=True)

@@ -199,10 +199,8 @@ class BlockCausalAttention(torch.autograd.Function):
             return y
         B, H, N, D = q.shape
         q3, k3, v3 = (t.reshape(B * H, N, D) for t in (q, k, v))  # one copy each: bmm takes one batch dim
-        # (B, H, N, D) laid out as (B, N, H, D), merged heads as the caller wants; written through the transposed
-        # view, returned itself (no view made inside the Function, so that it may be changed in place)
-        out = torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=q.dtype, device=q.device)
-        y = out.transpose(1, 2)
+        out = cpu_kernels.heads_last(q, B, H, N, D)  # merged heads as the caller wants; returned itself, no view
+        y = out.transpose(1, 2)  # (B, N, H, D), written block by block
         mask = _causal_mask(block, q.dtype, q.device)
         probs = []
         for s in range(0, N, block):

@@ -1,6 +1,7 @@
 """C++ kernels for CPU training, built on first use and called through ctypes (formers/csrc).
 
-One kernel so far: causal softmax attention in float32 (`formers/csrc/causal_attention.cpp`), which
+One kernel so far: causal softmax attention in float32 (the baseline mixer, Vaswani et al. 2017:
+y = softmax(q k^T * scale + M) v, M = -inf above the diagonal; `formers/csrc/causal_attention.cpp`), which
 `formers.nn.attention.BlockCausalAttention` runs in place of its PyTorch body when it is available. It computes the
 same row blocks, but one (batch, head) pair at a time per thread, so that a pair's q, k, v, scores and gradients stay
 in that core's L2 cache between its matrix products; the PyTorch body streams every pair through the cache once per
@@ -42,8 +43,7 @@ _SRC = Path(__file__).resolve().parent.parent / "csrc"
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
 _ABI = 2  # what formers_causal_attention_abi() must return
 _LOCK = threading.Lock()
-_LOADED: dict[str, CausalAttentionKernel | None] = {}
-_WARNED: set[str] = set()
+_LOADED: dict[str, CausalAttentionKernel | None] = {}  # filled once per name (after `reset`): the warning goes with it
 _TRANSIENT: set[Path] = set()  # build directories of this process alone (`_private_dir`'s mkdtemp)
 
 
@@ -151,6 +151,12 @@ def _build(name: str) -> Path:
     return out
 
 
+def heads_last(like: torch.Tensor, B: int, H: int, N: int, D: int) -> torch.Tensor:
+    """A fresh (B, H, N, D) tensor laid out as (B, N, H, D), so that merging the heads afterwards is a view; no view
+    itself, so that it may be changed in place. The attention's outputs and gradients, in C++ and in PyTorch."""
+    return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
+
+
 _P = ctypes.c_void_p
 _I = ctypes.c_int
 _F = ctypes.c_float
@@ -195,12 +201,6 @@ class CausalAttentionKernel:
         return (q.dim() == 4 and q.shape == k.shape == v.shape and q.dtype == k.dtype == v.dtype == torch.float32
                 and q.device.type == k.device.type == v.device.type == "cpu")
 
-    @staticmethod
-    def _heads_last(like: torch.Tensor, B: int, H: int, N: int, D: int) -> torch.Tensor:
-        """A fresh (B, H, N, D) tensor laid out as (B, N, H, D), which merges heads without a copy; no view, so
-        that it may be changed in place."""
-        return torch.empty_strided((B, H, N, D), (N * H * D, D, H * D, 1), dtype=like.dtype, device=like.device)
-
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                 block: int) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
         """y = softmax(scale q k^T + causal mask) v, (B, H, N, Dh) laid out as (B, N, H, Dh); P, the
@@ -208,7 +208,7 @@ class CausalAttentionKernel:
         block); the q, k, v it read (a copy only where the last dimension was not contiguous)."""
         q, k, v = (self._blas_ready(t) for t in (q, k, v))
         B, H, N, D = q.shape
-        y = self._heads_last(q, B, H, N, D)
+        y = heads_last(q, B, H, N, D)
         P = q.new_empty(B * H, N, N)
         self.lib.formers_causal_attention_fwd(
             B, H, N, D, scale, block, torch.get_num_threads(), q.data_ptr(), k.data_ptr(), v.data_ptr(),
@@ -220,7 +220,7 @@ class CausalAttentionKernel:
         """dq, dk, dv (B, H, N, Dh), each laid out as (B, N, H, Dh)."""
         dy = self._blas_ready(dy)
         B, H, N, D = q.shape
-        dq, dk, dv = (self._heads_last(q, B, H, N, D) for _ in range(3))
+        dq, dk, dv = (heads_last(q, B, H, N, D) for _ in range(3))
         failed = self.lib.formers_causal_attention_bwd(
             B, H, N, D, scale, block, torch.get_num_threads(), dy.data_ptr(), q.data_ptr(), k.data_ptr(),
             v.data_ptr(), P.data_ptr(), dq.data_ptr(), dk.data_ptr(), dv.data_ptr(),
@@ -233,25 +233,27 @@ class CausalAttentionKernel:
 
 def _load(name: str) -> CausalAttentionKernel:
     """Build (or find) and load the library; a cached one that does not load (corrupt, or stale) is deleted and
-    built again, once."""
-    path = _build(name)
+    built again, once. Build directories of this process alone are removed afterwards (a loaded library stays
+    mapped)."""
     try:
-        return CausalAttentionKernel(ctypes.CDLL(str(path)))
-    except (OSError, RuntimeError, AttributeError):
-        path.unlink(missing_ok=True)
+        path = _build(name)
+        try:
+            return CausalAttentionKernel(ctypes.CDLL(str(path)))
+        except (OSError, RuntimeError, AttributeError):
+            path.unlink(missing_ok=True)
+        fresh = _build(name)
+        # loaded from a name of its own: the dynamic loader hands back a library it already holds under the old name
+        fd, alias = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=fresh.parent)
+        os.close(fd)
+        try:
+            shutil.copyfile(fresh, alias)
+            return CausalAttentionKernel(ctypes.CDLL(alias))
+        finally:
+            os.unlink(alias)
     finally:
-        if path.parent in _TRANSIENT:  # a loaded library stays mapped; nothing of this process is left on disk
-            _TRANSIENT.discard(path.parent)
-            shutil.rmtree(path.parent, ignore_errors=True)
-    fresh = _build(name)
-    # loaded from a name of its own: the dynamic loader hands back a library it already holds under the old name
-    fd, alias = tempfile.mkstemp(prefix=f".{name}-", suffix=".so", dir=fresh.parent)
-    os.close(fd)
-    try:
-        shutil.copyfile(fresh, alias)
-        return CausalAttentionKernel(ctypes.CDLL(alias))
-    finally:
-        os.unlink(alias)  # a loaded library stays mapped
+        for d in _TRANSIENT:
+            shutil.rmtree(d, ignore_errors=True)
+        _TRANSIENT.clear()
 
 
 def causal_attention() -> CausalAttentionKernel | None:
@@ -272,8 +274,7 @@ def causal_attention() -> CausalAttentionKernel | None:
                 kern = _load(name)
             except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as e:
                 why = str(e)
-        if why is not None and name not in _WARNED:
-            _WARNED.add(name)
+        if why is not None:
             warnings.warn(f"formers: the C++ causal-attention kernel is not in use ({why}); causal CPU training "
                           "runs SDPA or the PyTorch block path, a little slower", RuntimeWarning, stacklevel=3)
         _LOADED[name] = kern
@@ -284,4 +285,3 @@ def reset() -> None:
     """Forget loaded kernels and warnings, so that the next call builds (or refuses) again; for tests."""
     with _LOCK:
         _LOADED.clear()
-        _WARNED.clear()
